@@ -1,0 +1,41 @@
+"""Error classes that separate the user's mistakes from the engine's bugs.
+
+A :class:`UserError` is something the user can fix (a config key, a missing file, missing
+weights). The command line prints it as one line and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class UserError(Exception):
+    """A mistake in the user's input; shown as one line, exit code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """Unknown key, wrong type, impossible value or missing required input."""
+
+
+class InputError(UserError):
+    """A bad input file (missing, corrupt, wrong size, unusable background)."""
+
+
+class RegistryError(UserError):
+    """Unknown or doubly registered plugin name."""
+
+
+class RunAborted(Exception):
+    """The run stopped on purpose (e.g. repeated NaN losses); checkpoints are kept."""
+
+    exit_code = 3
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""`` when none is close."""
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""

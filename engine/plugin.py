@@ -1,0 +1,119 @@
+"""Base classes every plugin kind derives from, and the values the trainer hands them.
+
+A plugin is a class with a nested ``Config`` dataclass (its defaults are the plugin's
+defaults; ``__post_init__`` raises :class:`engine.errors.ConfigError` for impossible values)
+and a constructor ``__init__(cfg, device=..., **context)``. The trainer builds plugins through
+:func:`engine.config.build`, which validates the user's mapping against ``Config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from engine.cameras import Cameras
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where the trainer is. Schedules are evaluated on ``step`` (the step within the stage)."""
+
+    stage: str
+    stage_index: int
+    step: int
+    stage_steps: int
+    global_step: int
+
+
+@dataclass
+class ReferenceImage:
+    """The input picture after loading (see :mod:`engine.images`)."""
+
+    rgb: Tensor        # [H, W, 3] in [0, 1], background composited to white
+    mask: Tensor       # [H, W, 1] in [0, 1], 1 on the object
+    path: str
+
+    def to(self, device) -> "ReferenceImage":
+        return ReferenceImage(self.rgb.to(device), self.mask.to(device), self.path)
+
+    @property
+    def rgba(self) -> Tensor:
+        return torch.cat([self.rgb, self.mask], dim=-1)
+
+
+@dataclass
+class RunInputs:
+    """What the user gave the run: an image, a prompt, or both."""
+
+    image: Optional[ReferenceImage] = None
+    prompt: Optional[str] = None
+
+
+class Background(nn.Module):
+    """Colour seen where rays leave the scene.
+
+    ``forward(dirs [B, H, W, 3] unit world directions) -> rgb [B, H, W, 3]``.
+    """
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return {"background": params} if params else {}
+
+
+class Representation(nn.Module):
+    """A 3D representation with its differentiable renderer.
+
+    Subclasses implement :meth:`render` and :meth:`param_groups`; the others are optional.
+    The module's ``state_dict`` is what a checkpoint stores, so frozen models never belong
+    to a representation.
+    """
+
+    def render(self, cameras: Cameras, height: int, width: int, *, background: Background,
+               step: StepInfo) -> Dict[str, Tensor]:
+        """Render B cameras.
+
+        Returns at least ``rgb`` [B, H, W, 3] (composited over ``background``, in [0, 1])
+        and ``opacity`` [B, H, W, 1]; optionally ``depth`` [B, H, W, 1] and ``normal``
+        [B, H, W, 3] (world space, in [-1, 1]). Differentiable with respect to the
+        representation's parameters (and the background's).
+        """
+        raise NotImplementedError
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """Trainable parameters by optimiser-group name (learning rates are set per name)."""
+        raise NotImplementedError
+
+    def regularizers(self, outputs: Dict[str, Tensor], step: StepInfo) -> Dict[str, Tensor]:
+        """Named regulariser losses for the last render; weighted by the stage's ``losses``."""
+        return {}
+
+    def before_step(self, step: StepInfo) -> None:
+        """Called before each training step (e.g. to refresh an occupancy grid)."""
+
+    @classmethod
+    def create_from(cls, previous: "Representation", cfg, device=None) -> "Representation":
+        """Build this representation initialised from another stage's (e.g. DMTet from NeRF)."""
+        from engine.errors import ConfigError
+        raise ConfigError(
+            f"representation '{getattr(cls, 'registry_name', cls.__name__)}' cannot be created "
+            f"from '{getattr(previous, 'registry_name', type(previous).__name__)}'; remove "
+            "init_from from the stage or choose a compatible representation"
+        )
+
+
+class Guidance(nn.Module):
+    """A source of losses on renders (score distillation, reference-image losses, ...).
+
+    ``forward(outputs, cameras, step) -> {name: scalar loss}``. Frozen models live here, never
+    in the representation; gradients must reach the renders only.
+    """
+
+    def forward(self, outputs: Dict[str, Tensor], cameras: Cameras,
+                step: StepInfo) -> Dict[str, Tensor]:
+        raise NotImplementedError
+
+    def before_step(self, step: StepInfo) -> None:
+        """Called before each training step."""

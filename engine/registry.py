@@ -1,0 +1,221 @@
+"""Per-kind plugin registries, filled in-tree by a decorator and by third parties through
+Python entry points.
+
+In-tree plugins call ``@register(kind, name)`` when their module is imported; the registry
+imports the in-tree plugin packages the first time it is asked anything. Third-party plugins
+declare an entry point in the group of their kind, the entry-point name being the registry
+key::
+
+    [project.entry-points."engine.guidance"]
+    my-sds = "my_package.guidance:MySDS"
+
+Entry points are read (names only) when first needed and each is imported only when its name
+is looked up, or when everything is listed. A name registered twice by two different objects
+is an error that names both origins.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as importlib_metadata
+import pkgutil
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from engine.errors import RegistryError, did_you_mean
+
+#: plugin kind -> entry-point group
+KINDS: Dict[str, str] = {
+    "representation": "engine.representations",
+    "guidance": "engine.guidance",
+    "conditioner": "engine.conditioners",
+    "background": "engine.backgrounds",
+    "cameras": "engine.cameras",
+}
+RECIPE_GROUP = "engine.recipes"
+
+#: in-tree packages whose modules register plugins when imported. Every module of these
+#: packages (but those whose name starts with "_") is imported on the registry's first use, so
+#: a new in-tree plugin needs no list to be edited; such modules import heavy optional
+#: libraries inside functions, not at module level.
+BUILTIN_PACKAGES = ("engine.cameras", "representations", "guidance")
+
+#: distribution name of this project; its entry points are shown as in-tree
+OWN_DISTRIBUTION = "distill-engine"
+
+
+@dataclass
+class Entry:
+    """One registered plugin. ``obj`` is None until an entry point is loaded."""
+
+    kind: str
+    name: str
+    origin: str
+    obj: Any = None
+    entry_point: Any = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Any:
+        if self.obj is None:
+            try:
+                self.obj = self.entry_point.load()
+            except Exception as exc:  # a broken plugin must not look like our bug
+                raise RegistryError(
+                    f"{self.kind} '{self.name}' from {self.origin} failed to import "
+                    f"({type(exc).__name__}: {exc}); fix or uninstall that package"
+                ) from exc
+        return self.obj
+
+    @property
+    def description(self) -> str:
+        obj = self.load()
+        text = getattr(obj, "description", None) or (obj.__doc__ or "")
+        text = text.strip().splitlines()[0] if isinstance(text, str) and text.strip() else ""
+        return text
+
+
+def _object_origin(obj: Any) -> str:
+    module = getattr(obj, "__module__", "?")
+    qualname = getattr(obj, "__qualname__", getattr(obj, "__name__", "?"))
+    return f"{module}:{qualname}"
+
+
+def _import_tree(package: str) -> None:
+    module = importlib.import_module(package)
+    for info in pkgutil.walk_packages(getattr(module, "__path__", []), prefix=package + "."):
+        if not info.name.rsplit(".", 1)[-1].startswith("_"):
+            importlib.import_module(info.name)
+
+
+def _entry_points(group: str) -> List[Any]:
+    """All installed entry points of ``group`` (patched in tests to mock the table)."""
+    return list(importlib_metadata.entry_points(group=group))
+
+
+def _dist_label(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return f"entry point {ep.value}"
+    name = dist.metadata["Name"] if hasattr(dist, "metadata") else getattr(dist, "name", "?")
+    if name == OWN_DISTRIBUTION:
+        return f"in-tree ({ep.value})"
+    return f"{name} {dist.version} ({ep.value})"
+
+
+class Registry:
+    """All plugin tables. Use the module-level :data:`REGISTRY` and helpers."""
+
+    def __init__(self) -> None:
+        self._tables: Dict[str, Dict[str, Entry]] = {k: {} for k in KINDS}
+        self._builtins_loaded = False
+        self._entry_points_scanned = False
+        self._lock = threading.RLock()
+
+    # -- registration -------------------------------------------------------------------
+    def add(self, kind: str, name: str, obj: Any, origin: Optional[str] = None) -> None:
+        if kind not in self._tables:
+            raise RegistryError(f"unknown plugin kind '{kind}'{did_you_mean(kind, KINDS)}")
+        origin = origin or f"in-tree ({_object_origin(obj)})"
+        table = self._tables[kind]
+        old = table.get(name)
+        if old is not None:
+            if old.obj is None and old.entry_point is not None:
+                # An entry point whose module registers itself through the decorator.
+                if old.entry_point.value.split(":")[0] == getattr(obj, "__module__", None):
+                    old.obj = obj
+                    return
+            elif old.obj is obj or _object_origin(old.obj) == _object_origin(obj):
+                return  # the same object seen again (module re-import)
+            raise RegistryError(
+                f"{kind} '{name}' is registered twice: by {old.origin} and by {origin}; "
+                "rename one of them"
+            )
+        table[name] = Entry(kind, name, origin, obj=obj)
+
+    # -- discovery ----------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        with self._lock:
+            if not self._builtins_loaded:
+                self._builtins_loaded = True
+                for package in BUILTIN_PACKAGES:
+                    _import_tree(package)
+            if not self._entry_points_scanned:
+                self._entry_points_scanned = True
+                for kind, group in KINDS.items():
+                    for ep in _entry_points(group):
+                        self._add_entry_point(kind, ep)
+
+    def _add_entry_point(self, kind: str, ep: Any) -> None:
+        table = self._tables[kind]
+        origin = _dist_label(ep)
+        old = table.get(ep.name)
+        if old is not None:
+            same_target = old.obj is not None and _object_origin(old.obj).replace(
+                ":", "."
+            ) == ep.value.replace(":", ".")
+            if same_target:
+                return  # our own in-tree plugin also listed as an entry point
+            raise RegistryError(
+                f"{kind} '{ep.name}' is registered twice: by {old.origin} and by {origin}; "
+                "rename one of them or uninstall one package"
+            )
+        table[ep.name] = Entry(kind, ep.name, origin, entry_point=ep)
+
+    # -- lookup -------------------------------------------------------------------------
+    def get(self, kind: str, name: str) -> Any:
+        """The plugin object registered as ``name`` for ``kind`` (imported on first use)."""
+        self._ensure_loaded()
+        if kind not in self._tables:
+            raise RegistryError(f"unknown plugin kind '{kind}'{did_you_mean(kind, KINDS)}")
+        table = self._tables[kind]
+        if name not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise RegistryError(
+                f"no {kind} named '{name}'{did_you_mean(name, table)}; known: {known} "
+                "(see python -m engine.run --list)"
+            )
+        return table[name].load()
+
+    def entries(self, kind: str) -> List[Entry]:
+        self._ensure_loaded()
+        return [self._tables[kind][n] for n in sorted(self._tables[kind])]
+
+    def names(self, kind: str) -> List[str]:
+        self._ensure_loaded()
+        return sorted(self._tables[kind])
+
+
+REGISTRY = Registry()
+
+
+def register(kind: str, name: str) -> Callable[[Any], Any]:
+    """Class decorator: ``@register("guidance", "multiview-sds")``."""
+
+    def decorate(obj: Any) -> Any:
+        REGISTRY.add(kind, name, obj)
+        obj.registry_name = name
+        return obj
+
+    return decorate
+
+
+def get(kind: str, name: str) -> Any:
+    return REGISTRY.get(kind, name)
+
+
+def recipe_entry_points() -> Dict[str, Entry]:
+    """Recipes shipped by installed packages (group ``engine.recipes``), not yet loaded.
+
+    The entry point's object is a path (str, Path or importlib Traversable) to a YAML file,
+    a callable returning one, or a dict holding the recipe itself.
+    """
+    found: Dict[str, Entry] = {}
+    for ep in _entry_points(RECIPE_GROUP):
+        if ep.name in found:
+            raise RegistryError(
+                f"recipe '{ep.name}' is shipped twice: by {found[ep.name].origin} and by "
+                f"{_dist_label(ep)}"
+            )
+        found[ep.name] = Entry("recipe", ep.name, _dist_label(ep), entry_point=ep)
+    return found
