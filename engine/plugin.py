@@ -9,7 +9,7 @@ and a constructor ``__init__(cfg, device=..., **context)``. The trainer builds p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +92,18 @@ class Representation(nn.Module):
 
     def before_step(self, step: StepInfo) -> None:
         """Called before each training step (e.g. to refresh an occupancy grid)."""
+
+    def surface(self, resolution: int) -> Tuple[Tensor, Tensor]:
+        """The object's surface as a triangle mesh, for export.
+
+        Returns vertices [V, 3] (world space, float) and faces [F, 3] (long, counter-clockwise
+        seen from outside). ``resolution`` is the extraction grid size where one is used.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot export a mesh")
+
+    def albedo(self, points: Tensor) -> Tensor:
+        """Unshaded colour [N, 3] in [0, 1] at world points [N, 3] (texture baking)."""
+        raise NotImplementedError(f"{type(self).__name__} has no colour field")
 
     @classmethod
     def create_from(cls, previous: "Representation", cfg, device=None) -> "Representation":
