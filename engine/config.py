@@ -373,11 +373,27 @@ def resolve(merged: DictConfig) -> Tuple[RunConfig, DictConfig]:
             resolved.stages[sname][field_name] = component_to_dict(
                 getattr(stage, field_name)["type"], comps[field_name][1])
         cfg.components[sname] = comps
+        _check_loss_names(sname, stage, comps)
         if stage.init_from is not None and stage.init_from not in stage_names[:i]:
             raise ConfigError(f"stages.{sname}.init_from: '{stage.init_from}' is not an earlier "
                               f"stage{did_you_mean(stage.init_from, stage_names[:i])}; earlier "
                               f"stages: {', '.join(stage_names[:i]) or 'none'}")
     return cfg, resolved
+
+
+def _check_loss_names(sname: str, stage: StageConfig, comps: Dict[str, Tuple[type, Any]]) -> None:
+    """A weighted loss must be one a component can produce (plugins list ``loss_names``)."""
+    produced = []
+    for field_name in ("guidance", "representation"):
+        names = getattr(comps[field_name][0], "loss_names", None)
+        if names is None:
+            return  # a plugin that does not declare its losses: checked at run time
+        produced += list(names)
+    for name in stage.losses:
+        if name not in produced:
+            raise ConfigError(f"stages.{sname}.losses.{name}: no component of this stage produces "
+                              f"a loss named '{name}'{did_you_mean(name, produced)}; available: "
+                              f"{', '.join(produced) or 'none'}")
 
 
 def check_inputs(cfg: RunConfig) -> None:

@@ -1,0 +1,141 @@
+"""Checkpoints: one safetensors file per save, written atomically, no pickle anywhere.
+
+A checkpoint holds the trainable state of a stage (representation, background, optimiser),
+never a frozen model. Tensors are stored under prefixed names (``representation.*``,
+``background.*``, ``optimizer.state.<i>.<key>``); everything else (stage, step, optimiser
+hyper-parameters) is JSON in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from engine.errors import UserError
+
+META_KEY = "engine"
+NAME_RE = re.compile(r"^(\d+)-(.+)-(\d+)\.safetensors$")
+
+
+def checkpoint_name(stage_index: int, stage: str, step: int) -> str:
+    """Names sort in training order: ``01-nerf-0000500.safetensors``."""
+    return f"{stage_index:02d}-{stage}-{step:07d}.safetensors"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def _flatten_optimizer(state: Dict[str, Any]) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    tensors: Dict[str, Tensor] = {}
+    scalars: Dict[str, Dict[str, Any]] = {}
+    for idx, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.state.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: Dict[str, Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:
+    state: Dict[int, Dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer.state."):
+            idx, key = name[len("optimizer.state."):].split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(path: Path, *, modules: Dict[str, torch.nn.Module],
+         optimizer: Optional[torch.optim.Optimizer], info: Dict[str, Any]) -> Path:
+    """Write ``modules``' state dicts, the optimiser state and ``info`` (JSON) to ``path``."""
+    tensors: Dict[str, Tensor] = {}
+    for prefix, module in modules.items():
+        for key, value in module.state_dict().items():
+            tensors[f"{prefix}.{key}"] = value
+    meta: Dict[str, Any] = {"info": info}
+    if optimizer is not None:
+        opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(opt_tensors)
+    # safetensors wants contiguous, unshared CPU tensors
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p),
+                                           metadata={META_KEY: json.dumps(meta)}))
+    return path
+
+
+def load(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """Read a checkpoint: (tensors, metadata). A damaged file is a clear user error."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[META_KEY])
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}")
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
+        raise UserError(f"checkpoint {path} is damaged or not an engine checkpoint ({exc}); "
+                        "resume from an earlier one in the same checkpoints/ folder")
+    return tensors, meta
+
+
+def restore(tensors: Dict[str, Tensor], meta: Dict[str, Any], *,
+            modules: Dict[str, torch.nn.Module],
+            optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Load what :func:`save` wrote back into live modules and optimiser."""
+    for prefix, module in modules.items():
+        sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        module.load_state_dict(sub, strict=True)
+    if optimizer is not None and "optimizer" in meta:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+
+
+def list_checkpoints(folder: Path) -> List[Path]:
+    """Checkpoints in training order (stage index, then step)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if NAME_RE.match(p.name))
+
+
+def find_resume_checkpoint(path: Path) -> Tuple[Path, Path]:
+    """``resume=`` accepts a run folder or a checkpoint file; returns (run_dir, checkpoint)."""
+    path = Path(path)
+    if path.is_file():
+        if not NAME_RE.match(path.name):
+            raise UserError(f"resume={path} is not an engine checkpoint (expected "
+                            "checkpoints/NN-STAGE-STEP.safetensors or a run folder)")
+        return path.parent.parent, path
+    if not path.is_dir():
+        raise UserError(f"resume={path} does not exist; give a run folder or a checkpoint")
+    found = list_checkpoints(path / "checkpoints")
+    if not found:
+        raise UserError(f"resume={path}: no checkpoint in {path / 'checkpoints'}; the run "
+                        "stopped before its first checkpoint, start it again")
+    return path, found[-1]

@@ -1,0 +1,189 @@
+"""``python -m engine.run``: run a recipe.
+
+    python -m engine.run recipe=NAME [image=PATH] [prompt=TEXT] [key=value ...] [--dry-run]
+    python -m engine.run resume=RUN_FOLDER_OR_CHECKPOINT [key=value ...]
+    python -m engine.run --list
+
+User mistakes end with one line on stderr and exit code 2; an interrupted run (Ctrl-C) writes
+a checkpoint and exits with 130; a run aborted on purpose (repeated NaN) exits with 3.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+USAGE = """\
+usage: python -m engine.run recipe=NAME [image=PATH] [prompt=TEXT] [key=value ...] [--dry-run]
+       python -m engine.run resume=RUN_FOLDER_OR_CHECKPOINT [key=value ...]
+       python -m engine.run --list
+
+Runs a recipe (recipes/NAME.yaml, a recipe shipped by a plugin package, or a path to a YAML
+file) merged over configs/defaults.yaml, with key=value overrides in OmegaConf dot-list form,
+e.g. stages.fit.steps=100 or 'stages.fit.losses.rgb=[0, 1.0, 0.1, 500]'.
+
+short keys:  image=PATH   -> inputs.image      prompt=TEXT -> inputs.prompt
+             out=FOLDER   -> output.dir        seed=N      -> system.seed
+             device=D     -> system.device (auto | cpu | cuda | cuda:N)
+options:     --list       recipes and plugins of every kind, with where each comes from
+             --dry-run    print the fully resolved config and exit
+             --help       this text
+
+Each run writes a new folder (default outputs/RECIPE/NAME-TIMESTAMP): config.yaml,
+metrics.jsonl, checkpoints/, renders/ and the exported results. Ctrl-C saves a checkpoint;
+continue with resume=THAT_FOLDER.
+"""
+
+
+def _print_list(out=sys.stdout) -> None:
+    from engine import config, registry
+
+    recipes = config.available_recipes()
+    print("recipes:", file=out)
+    for name, (origin, where) in sorted(recipes.items()):
+        desc = ""
+        if isinstance(where, Path):
+            try:
+                desc = str(config.read_yaml(where).get("description", "") or "")
+            except Exception as exc:  # listing must not die on one broken file
+                desc = f"(unreadable: {exc})"
+        print(f"  {name:<24} {desc}  [{origin}]", file=out)
+    for kind in registry.KINDS:
+        entries = registry.REGISTRY.entries(kind)
+        print(f"{kind} plugins:", file=out)
+        if not entries:
+            print("  (none)", file=out)
+        for e in entries:
+            print(f"  {e.name:<24} {e.description}  [{e.origin}]", file=out)
+
+
+def _resolve_device(name: str):
+    import torch
+
+    from engine.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or "
+                          "device=auto")
+    return torch.device(name)
+
+
+def run(argv: List[str]) -> int:
+    from engine import checkpoint, config
+    from engine.errors import ConfigError
+
+    flags = [a for a in argv if a.startswith("-")]
+    items = [a for a in argv if not a.startswith("-")]
+    for f in flags:
+        if f not in ("--list", "--dry-run", "--help", "-h"):
+            raise ConfigError(f"unknown option {f}; options: --list, --dry-run, --help")
+    if "--help" in flags or "-h" in flags or not argv:
+        print(USAGE)
+        return 0
+    if "--list" in flags:
+        _print_list()
+        return 0
+
+    recipe = resume = None
+    rest = []
+    for item in items:
+        if item.startswith("recipe="):
+            recipe = item.split("=", 1)[1]
+        elif item.startswith("resume="):
+            resume = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+
+    resume_ckpt = None
+    if resume:
+        run_dir, resume_ckpt = checkpoint.find_resume_checkpoint(Path(resume))
+        saved = config.read_yaml(run_dir / "config.yaml", "saved config")
+        if recipe is not None and recipe != saved.get("recipe"):
+            raise ConfigError(f"resume={resume} is a run of recipe '{saved.get('recipe')}', not "
+                              f"'{recipe}'; drop recipe= when resuming")
+        cfg, resolved = config.load(None, rest, base=saved)
+    else:
+        if recipe is None:
+            raise ConfigError("no recipe given: add recipe=NAME (python -m engine.run --list "
+                              "shows the names)")
+        cfg, resolved = config.load(recipe, rest)
+
+    if "--dry-run" in flags:
+        print(config.to_yaml(resolved), end="")
+        return 0
+
+    config.check_inputs(cfg)
+    device = _resolve_device(cfg.system.device)
+    for stage_components in cfg.components.values():
+        for cls, ccfg in stage_components.values():
+            preflight = getattr(cls, "preflight", None)
+            if preflight is not None:
+                preflight(ccfg)
+    inputs = _load_inputs(cfg)
+    return _train(cfg, resolved, device, inputs, resume_ckpt)
+
+
+def _load_inputs(cfg):
+    from engine.images import load_reference_image
+    from engine.plugin import RunInputs
+
+    image = None
+    if cfg.inputs.image:
+        image = load_reference_image(cfg.inputs.image, cfg.inputs.image_size,
+                                     cfg.inputs.object_fraction)
+    return RunInputs(image=image, prompt=cfg.inputs.prompt)
+
+
+def _train(cfg, resolved, device, inputs, resume_ckpt) -> int:
+    import torch
+
+    from engine import config
+    from engine.checkpoint import atomic_write_text
+    from engine.outputs import choose_run_dir
+    from engine.trainer import Interrupted, Trainer
+
+    torch.use_deterministic_algorithms(cfg.system.deterministic, warn_only=True)
+    if resume_ckpt is not None:
+        run_dir = resume_ckpt.parent.parent
+    else:
+        o = cfg.output
+        run_dir = choose_run_dir(o.root, cfg.recipe, o.name, o.dir, cfg.inputs.image,
+                                 cfg.inputs.prompt)
+        run_dir.mkdir(parents=True)
+    atomic_write_text(run_dir / "config.yaml", config.to_yaml(resolved))
+    trainer = Trainer(cfg, resolved, run_dir, inputs, device)
+    try:
+        trainer.run(resume=resume_ckpt)
+    except Interrupted as exc:
+        print(f"{exc}; checkpoint: {exc.checkpoint}\ncontinue with: python -m engine.run "
+              f"resume={run_dir}", file=sys.stderr)
+        return exc.exit_code
+    last = list(cfg.stages)[-1]
+    print(f"final render: {run_dir / 'renders' / f'{last}-final.png'}")
+    print(f"output: {run_dir}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from engine.errors import RunAborted, UserError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RunAborted as exc:
+        print(f"aborted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted (no checkpoint written since the last one; finished work is kept)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
