@@ -11,12 +11,13 @@ the full key, e.g. ``stages.fit.optimizer.lr.gird: unknown key (did you mean 'gr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from engine import registry
@@ -278,15 +279,25 @@ def validate(schema: type, data: Any, prefix: str = "") -> Any:
                           f"{type(data).__name__} {data!r}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
-        return OmegaConf.to_object(merged)
-    except ConfigError as exc:
-        raise ConfigError(f"{prefix}{exc}") from None
+        return _instantiate(merged, prefix)
     except oc_errors.OmegaConfBaseException as exc:
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, ConfigError):   # raised inside a nested __post_init__
-            key = getattr(exc, "full_key", "") or ""
-            raise ConfigError(f"{prefix}{key + '.' if key else ''}{cause}") from None
         raise _format_oc_error(exc, prefix) from None
+
+
+def _instantiate(node: Any, path: str) -> Any:
+    """Build nested dataclasses bottom-up so a ``__post_init__`` error gets its full key."""
+    if isinstance(node, DictConfig):
+        values = {str(k): _instantiate(node[k], f"{path}{k}.") for k in node.keys()}
+        obj_type = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(obj_type):
+            try:
+                return obj_type(**values)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}{exc}") from None
+        return values
+    if isinstance(node, ListConfig):
+        return [_instantiate(v, f"{path}{i}.") for i, v in enumerate(node)]
+    return node
 
 
 def validate_component(kind: str, spec: Any, key: str) -> Tuple[type, Any]:

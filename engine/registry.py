@@ -21,7 +21,7 @@ import importlib.metadata as importlib_metadata
 import pkgutil
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from engine.errors import RegistryError, did_you_mean
 
@@ -71,8 +71,10 @@ class Entry:
     def description(self) -> str:
         obj = self.load()
         text = getattr(obj, "description", None) or (obj.__doc__ or "")
-        text = text.strip().splitlines()[0] if isinstance(text, str) and text.strip() else ""
-        return text
+        if not isinstance(text, str):
+            return ""
+        paragraph = text.strip().split("\n\n")[0]  # the docstring's first paragraph
+        return " ".join(line.strip() for line in paragraph.splitlines())
 
 
 def _object_origin(obj: Any) -> str:
@@ -110,6 +112,7 @@ class Registry:
         self._tables: Dict[str, Dict[str, Entry]] = {k: {} for k in KINDS}
         self._builtins_loaded = False
         self._entry_points_scanned = False
+        self._absorbed = 0
         self._lock = threading.RLock()
 
     # -- registration -------------------------------------------------------------------
@@ -140,11 +143,19 @@ class Registry:
                 self._builtins_loaded = True
                 for package in BUILTIN_PACKAGES:
                     _import_tree(package)
+            self._absorb_declared()
             if not self._entry_points_scanned:
                 self._entry_points_scanned = True
                 for kind, group in KINDS.items():
                     for ep in _entry_points(group):
                         self._add_entry_point(kind, ep)
+
+    def _absorb_declared(self) -> None:
+        """Take in what ``@register`` declared since the last look (imports add more)."""
+        while self._absorbed < len(_DECLARED):
+            kind, name, obj = _DECLARED[self._absorbed]
+            self._absorbed += 1
+            self.add(kind, name, obj)
 
     def _add_entry_point(self, kind: str, ep: Any) -> None:
         table = self._tables[kind]
@@ -170,12 +181,16 @@ class Registry:
             raise RegistryError(f"unknown plugin kind '{kind}'{did_you_mean(kind, KINDS)}")
         table = self._tables[kind]
         if name not in table:
+            self._absorb_declared()
+        if name not in table:
             known = ", ".join(sorted(table)) or "none"
             raise RegistryError(
                 f"no {kind} named '{name}'{did_you_mean(name, table)}; known: {known} "
                 "(see python -m engine.run --list)"
             )
-        return table[name].load()
+        obj = table[name].load()
+        self._absorb_declared()  # a loaded plugin module may declare more plugins
+        return obj
 
     def entries(self, kind: str) -> List[Entry]:
         self._ensure_loaded()
@@ -188,12 +203,17 @@ class Registry:
 
 REGISTRY = Registry()
 
+#: (kind, name, object) in the order ``@register`` saw them; registries read this list
+_DECLARED: List[Tuple[str, str, Any]] = []
+
 
 def register(kind: str, name: str) -> Callable[[Any], Any]:
     """Class decorator: ``@register("guidance", "multiview-sds")``."""
+    if kind not in KINDS:
+        raise RegistryError(f"unknown plugin kind '{kind}'{did_you_mean(kind, KINDS)}")
 
     def decorate(obj: Any) -> Any:
-        REGISTRY.add(kind, name, obj)
+        _DECLARED.append((kind, name, obj))
         obj.registry_name = name
         return obj
 

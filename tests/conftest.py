@@ -1,0 +1,31 @@
+"""Shared fixtures: a small input picture and the overrides that make fit-image tiny."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture
+def rgba_image(tmp_path: Path) -> Path:
+    """64x64 RGBA: a red 20x30 (w x h) block, transparent elsewhere, off-centre."""
+    a = np.zeros((64, 64, 4), np.uint8)
+    a[10:40, 5:25] = [220, 40, 30, 255]
+    path = tmp_path / "block.png"
+    Image.fromarray(a).save(path)
+    return path
+
+
+def tiny_fit_args(image: Path, out: Path, steps: int = 12, extra=()) -> list:
+    """CLI items for a fit-image run that takes about a second."""
+    return [
+        "recipe=fit-image", f"image={image}", f"out={out}",
+        f"stages.fit.steps={steps}", "stages.fit.resolution=16",
+        "stages.fit.representation.resolution=8", "stages.fit.representation.samples_per_ray=16",
+        "inputs.image_size=32", "output.progress=false", "output.render_size=16",
+        "output.render_views=2", "output.render_every=0", "output.checkpoint_every=4",
+        "output.keep_checkpoints=100", *extra,
+    ]
