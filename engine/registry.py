@@ -119,7 +119,10 @@ class Registry:
     def add(self, kind: str, name: str, obj: Any, origin: Optional[str] = None) -> None:
         if kind not in self._tables:
             raise RegistryError(f"unknown plugin kind '{kind}'{did_you_mean(kind, KINDS)}")
-        origin = origin or f"in-tree ({_object_origin(obj)})"
+        if origin is None:
+            top = getattr(obj, "__module__", "").split(".")[0]
+            in_tree = top in {p.split(".")[0] for p in BUILTIN_PACKAGES}
+            origin = f"in-tree ({_object_origin(obj)})" if in_tree else _object_origin(obj)
         table = self._tables[kind]
         old = table.get(name)
         if old is not None:

@@ -36,9 +36,14 @@ continue with resume=THAT_FOLDER.
 """
 
 
-def _print_list(out=sys.stdout) -> None:
+def _short(text: str, limit: int = 90) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _print_list(out=None) -> None:
     from engine import config, registry
 
+    out = out or sys.stdout
     recipes = config.available_recipes()
     print("recipes:", file=out)
     for name, (origin, where) in sorted(recipes.items()):
@@ -48,14 +53,14 @@ def _print_list(out=sys.stdout) -> None:
                 desc = str(config.read_yaml(where).get("description", "") or "")
             except Exception as exc:  # listing must not die on one broken file
                 desc = f"(unreadable: {exc})"
-        print(f"  {name:<24} {desc}  [{origin}]", file=out)
+        print(f"  {name:<24} {_short(desc)}  [{origin}]", file=out)
     for kind in registry.KINDS:
         entries = registry.REGISTRY.entries(kind)
         print(f"{kind} plugins:", file=out)
         if not entries:
             print("  (none)", file=out)
         for e in entries:
-            print(f"  {e.name:<24} {e.description}  [{e.origin}]", file=out)
+            print(f"  {e.name:<24} {_short(e.description)}  [{e.origin}]", file=out)
 
 
 def _resolve_device(name: str):

@@ -1,0 +1,196 @@
+"""End to end through `python -m engine.run`: outputs, resume, interrupts, NaN guard, errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_fit_args
+from engine import checkpoint, registry
+from engine.run import main
+from guidance.reference import ReferenceViewGuidance
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FaultyGuidance(ReferenceViewGuidance):
+    """Reference-view losses, NaN at chosen steps and Ctrl-C at another (for tests)."""
+
+    @dataclass
+    class Config:
+        nan_steps: List[int] = field(default_factory=list)
+        interrupt_at: int = -1
+
+    def __init__(self, cfg, device=None, inputs=None):
+        super().__init__(None, device=device, inputs=inputs)
+        self.cfg = cfg
+
+    def forward(self, outputs, cameras, step):
+        losses = super().forward(outputs, cameras, step)
+        if step.step == self.cfg.interrupt_at:
+            signal.raise_signal(signal.SIGINT)   # as if the user pressed Ctrl-C now
+        if step.step in self.cfg.nan_steps:
+            losses["rgb"] = losses["rgb"] * float("nan")
+        return losses
+
+
+registry.REGISTRY.add("guidance", "test-faulty", FaultyGuidance)
+
+
+def records(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(run_dir: Path, steps: int = 12):
+    return load_file(str(run_dir / "checkpoints" / checkpoint.checkpoint_name(0, "fit", steps)))
+
+
+def test_run_writes_the_output_folder_and_learns(rgba_image, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_fit_args(rgba_image, out, steps=30)) == 0
+    printed = capsys.readouterr().out
+    assert f"output: {out}" in printed
+    assert (out / "config.yaml").is_file()
+    recs = records(out)
+    assert [r["step"] for r in recs] == list(range(30))
+    assert recs[-1]["loss"] < 0.5 * recs[0]["loss"]           # the fit makes progress
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [checkpoint.checkpoint_name(0, "fit", s) for s in (4, 8, 12, 16, 20, 24, 28, 30)]
+    assert (out / "renders" / "fit-final.png").is_file()
+    # the same out= again never overwrites: a suffixed folder is made
+    assert main(tiny_fit_args(rgba_image, out, steps=2)) == 0
+    assert (tmp_path / "run-1" / "config.yaml").is_file()
+    assert len(records(out)) == 30
+
+
+def test_periodic_checkpoints_are_pruned_but_stage_end_kept(rgba_image, tmp_path):
+    out = tmp_path / "run"
+    assert main(tiny_fit_args(rgba_image, out, steps=13, extra=["output.keep_checkpoints=2"])) == 0
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [checkpoint.checkpoint_name(0, "fit", s) for s in (8, 12, 13)]
+
+
+def test_same_seed_same_result_and_resume_equals_uninterrupted(rgba_image, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(tiny_fit_args(rgba_image, a)) == 0
+    faulty = ["stages.fit.guidance.type=test-faulty", "stages.fit.guidance.interrupt_at=5"]
+    assert main(tiny_fit_args(rgba_image, b, extra=faulty)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted in stage fit after step 6" in err and f"resume={b}" in err
+    assert (b / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 6)).is_file()
+    # resume with the interrupt switched off; it continues in the same folder
+    assert main([f"resume={b}", "stages.fit.guidance.interrupt_at=-1"]) == 0
+    sa, sb = final_state(a), final_state(b)
+    for key in sa:
+        if key.startswith("representation."):
+            torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=1e-6)
+    assert [r["step"] for r in records(b)] == list(range(12))
+    ra, rb = records(a), records(b)
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-5)
+
+
+def test_resume_from_an_earlier_checkpoint_file(rgba_image, tmp_path):
+    a = tmp_path / "a"
+    assert main(tiny_fit_args(rgba_image, a)) == 0
+    reference = final_state(a)
+    mid = a / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 4)
+    for p in (a / "checkpoints").iterdir():
+        if p != mid:
+            p.unlink()
+    assert main([f"resume={mid}"]) == 0
+    torch.testing.assert_close(final_state(a)["representation.density_grid"],
+                               reference["representation.density_grid"], rtol=0, atol=1e-6)
+
+
+def test_nan_steps_are_skipped(rgba_image, tmp_path):
+    out = tmp_path / "nan"
+    extra = ["stages.fit.guidance.type=test-faulty", "stages.fit.guidance.nan_steps=[2, 3]"]
+    assert main(tiny_fit_args(rgba_image, out, extra=extra)) == 0
+    skipped = [r["step"] for r in records(out) if r["skipped"]]
+    assert skipped == [2, 3]
+    state = final_state(out)
+    assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("represent"))
+
+
+def test_repeated_nan_aborts_and_keeps_a_checkpoint(rgba_image, tmp_path, capsys):
+    out = tmp_path / "nan"
+    extra = ["stages.fit.guidance.type=test-faulty",
+             "stages.fit.guidance.nan_steps=[5, 6, 7, 8, 9, 10, 11]", "system.max_nan_steps=3"]
+    assert main(tiny_fit_args(rgba_image, out, extra=extra)) == 3
+    err = capsys.readouterr().err
+    assert "NaN/inf for 3 steps in a row" in err and "Traceback" not in err
+    state = load_file(str(out / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 7)))
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert (out / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 4)).is_file()
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    module = torch.nn.Linear(2, 2)
+    path = tmp_path / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 1)
+    checkpoint.save(path, modules={"m": module}, optimizer=None, info={"step": 1})
+    before = path.read_bytes()
+
+    def broken_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save)
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(path, modules={"m": module}, optimizer=None, info={"step": 1})
+    assert path.read_bytes() == before                         # the old checkpoint survives
+    assert [p.name for p in path.parent.iterdir()] == [path.name]   # no temp file left
+
+
+def test_damaged_checkpoint_is_a_user_error(rgba_image, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_fit_args(rgba_image, out, steps=4)) == 0
+    ck = out / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 4)
+    ck.write_bytes(ck.read_bytes()[:100])
+    assert main([f"resume={ck}"]) == 2
+    assert "damaged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["recipe=fit-image"], "needs an input image"),
+    (["recipe=fit-image", "image=/nonexistent/cat.png"], "image not found"),
+    (["recipe=nope"], "no recipe named 'nope'"),
+    (["recipe=fit-image", "image=x.png", "stages.fit.steps=0"], "stages.fit.steps"),
+    (["recipe=fit-image", "--fast"], "unknown option --fast"),
+    (["resume=/nonexistent/run"], "does not exist"),
+    (["image=x.png"], "no recipe given"),
+])
+def test_user_errors_exit_2_with_one_line(args, words, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and words in err and "\n" not in err
+
+
+def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    proc = subprocess.run([sys.executable, "-m", "engine.run", "recipe=fit-image", f"image={bad}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "not an image" in proc.stderr
+
+
+def test_list_and_dry_run(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "fit-image" in out and "voxel-grid" in out and "in-tree" in out
+    assert main(["recipe=fit-image", "seed=7", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 7" in out and "blob_radius: 0.5" in out
+    assert main(["--help"]) == 0
+    assert "usage:" in capsys.readouterr().out
