@@ -385,6 +385,7 @@ def resolve(merged: DictConfig) -> Tuple[RunConfig, DictConfig]:
                 getattr(stage, field_name)["type"], comps[field_name][1])
         cfg.components[sname] = comps
         _check_loss_names(sname, stage, comps)
+        _check_lr_groups(sname, stage, comps)
         if stage.init_from is not None and stage.init_from not in stage_names[:i]:
             raise ConfigError(f"stages.{sname}.init_from: '{stage.init_from}' is not an earlier "
                               f"stage{did_you_mean(stage.init_from, stage_names[:i])}; earlier "
@@ -405,6 +406,28 @@ def _check_loss_names(sname: str, stage: StageConfig, comps: Dict[str, Tuple[typ
             raise ConfigError(f"stages.{sname}.losses.{name}: no component of this stage produces "
                               f"a loss named '{name}'{did_you_mean(name, produced)}; available: "
                               f"{', '.join(produced) or 'none'}")
+
+
+def _check_lr_groups(sname: str, stage: StageConfig, comps: Dict[str, Tuple[type, Any]]) -> None:
+    """Learning rates must name parameter groups that exist (plugins list
+    ``param_group_names``), and every group needs a rate, so a typo fails before any stage."""
+    groups = []
+    for field_name in ("representation", "background"):
+        names = getattr(comps[field_name][0], "param_group_names", None)
+        if names is None:
+            return  # undeclared: the trainer checks when it builds the optimiser
+        groups += list(names)
+    lr = stage.optimizer.lr
+    for name in lr:
+        if name != "default" and name not in groups:
+            raise ConfigError(f"stages.{sname}.optimizer.lr.{name}: no parameter group of that "
+                              f"name{did_you_mean(name, groups)}; groups: "
+                              f"{', '.join(groups) or 'none'} (or 'default')")
+    if "default" not in lr:
+        for g in groups:
+            if g not in lr:
+                raise ConfigError(f"stages.{sname}.optimizer.lr: no learning rate for group "
+                                  f"'{g}'; add stages.{sname}.optimizer.lr.{g} or a default")
 
 
 def check_inputs(cfg: RunConfig) -> None:

@@ -58,6 +58,9 @@ class Background(nn.Module):
     ``forward(dirs [B, H, W, 3] unit world directions) -> rgb [B, H, W, 3]``.
     """
 
+    #: names :meth:`param_groups` can return (validated against a recipe's learning rates)
+    param_group_names: Tuple[str, ...] = ()
+
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         params = [p for p in self.parameters() if p.requires_grad]
         return {"background": params} if params else {}
@@ -69,7 +72,14 @@ class Representation(nn.Module):
     Subclasses implement :meth:`render` and :meth:`param_groups`; the others are optional.
     The module's ``state_dict`` is what a checkpoint stores, so frozen models never belong
     to a representation.
+
+    Optional class attributes let a recipe be checked before anything runs:
+    ``param_group_names`` (the keys :meth:`param_groups` returns) and ``loss_names`` (the keys
+    :meth:`regularizers` can return). ``None`` means "not declared".
     """
+
+    param_group_names: Optional[Tuple[str, ...]] = None
+    loss_names: Optional[Tuple[str, ...]] = None
 
     def render(self, cameras: Cameras, height: int, width: int, *, background: Background,
                step: StepInfo) -> Dict[str, Tensor]:
@@ -121,7 +131,13 @@ class Guidance(nn.Module):
 
     ``forward(outputs, cameras, step) -> {name: scalar loss}``. Frozen models live here, never
     in the representation; gradients must reach the renders only.
+
+    ``loss_names`` (class attribute) lists the losses it can return, so recipes are checked at
+    load time. An optional classmethod ``preflight(cfg)`` runs before the first stage starts:
+    check there that weights exist, so a run fails at once rather than mid-way.
     """
+
+    loss_names: Optional[Tuple[str, ...]] = None
 
     def forward(self, outputs: Dict[str, Tensor], cameras: Cameras,
                 step: StepInfo) -> Dict[str, Tensor]:

@@ -324,7 +324,10 @@ class Trainer:
                       "skipped": not finite, **lrs, **logged}
             log.write(record)
             bar.update(1)
-            bar.set_postfix({"loss": f"{record['loss']:.4g}" if finite else "skip"})
+            postfix = {"loss": f"{record['loss']:.4g}" if finite else "skip"}
+            postfix.update({k[5:]: f"{v:.3g}" for k, v in logged.items()
+                            if k.startswith("loss/") and weights_nonzero(stage, k[5:], step)})
+            bar.set_postfix(postfix)
             done = step + 1
             if done < stage.steps:
                 if out.checkpoint_every and done % out.checkpoint_every == 0:
@@ -340,6 +343,11 @@ class Trainer:
         self.render_progress(parts, f"{sname}-final")
         self.last_parts = parts
         return parts.representation
+
+
+def weights_nonzero(stage: StageConfig, name: str, step: int) -> bool:
+    schedule = stage.loss_weights.get(name)
+    return schedule is not None and schedule(step) != 0.0
 
 
 def _preview_distance(parts: StageParts) -> float:

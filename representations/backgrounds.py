@@ -68,6 +68,8 @@ class EnvironmentBackground(Background):
     """A learned environment map: a small MLP of the view direction (threestudio's
     neural-environment-map background)."""
 
+    param_group_names = ("background",)
+
     @dataclass
     class Config:
         hidden: int = 32

@@ -26,6 +26,7 @@ class VoxelGrid(Representation):
     """Dense density + colour grids, trilinear, volume rendered (fast on CPU)."""
 
     loss_names = ("opacity_sparsity",)
+    param_group_names = ("density", "color")
 
     @dataclass
     class Config:

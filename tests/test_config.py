@@ -67,6 +67,8 @@ def test_schedules_parse_from_cli():
     ("stages.fit.background.color=[2, 0, 0]", ["stages.fit.background.color", "[0, 1]"]),
     ("stages.fit.init_from=nerf", ["init_from", "not an earlier stage"]),
     ("justakey", ["not key=value"]),
+    ("stages.fit.optimizer.lr.colour=0.1", ["stages.fit.optimizer.lr.colour", "did you mean 'color'"]),
+    ("stages.fit.optimizer.lr.color=-1", ["stages.fit.optimizer.lr.color", ">= 0"]),
 ])
 def test_user_errors_name_the_key(item, words):
     with pytest.raises(ConfigError) as e:
