@@ -1,0 +1,202 @@
+"""Metrics of the single-image-to-3D literature (SyncDreamer / One-2-3-45++ protocol).
+
+Meshes are first normalised (bounding box centred at the origin, largest side 1), then the
+prediction is aligned to the reference by a search over yaw (rotation about z, the up axis:
+the reference azimuth is unknown to a model that saw one picture) and optionally refined by
+ICP. On surface samples: Chamfer distance (mean of the two directions' mean nearest-neighbour
+Euclidean distances) and F-score at a threshold; on a 64^3 grid: volume IoU. On images: PSNR
+and SSIM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import trimesh
+from scipy.spatial import cKDTree
+
+
+def normalize(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """A copy centred on its bounding box with the largest side equal to 1."""
+    out = mesh.copy()
+    lo, hi = out.bounds
+    out.apply_translation(-(lo + hi) / 2.0)
+    out.apply_scale(1.0 / max(float((hi - lo).max()), 1e-12))
+    return out
+
+
+def sample_surface(mesh: trimesh.Trimesh, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` points uniformly on the surface (area-weighted), reproducible by ``seed``."""
+    points, _ = trimesh.sample.sample_surface(mesh, count, seed=seed)
+    return np.asarray(points, dtype=np.float64)
+
+
+def _nn_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return cKDTree(b).query(a, k=1)[0]
+
+
+def chamfer_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """0.5 * (mean_a min_b |a-b| + mean_b min_a |a-b|) for point sets [N, 3] and [M, 3]."""
+    return 0.5 * (float(_nn_distances(a, b).mean()) + float(_nn_distances(b, a).mean()))
+
+
+def f_score(pred: np.ndarray, ref: np.ndarray, threshold: float) -> Tuple[float, float, float]:
+    """(F-score, precision, recall) at ``threshold``: precision is the share of predicted
+    points within it of the reference, recall the reverse."""
+    precision = float((_nn_distances(pred, ref) < threshold).mean())
+    recall = float((_nn_distances(ref, pred) < threshold).mean())
+    f = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    return f, precision, recall
+
+
+def occupancy(mesh: trimesh.Trimesh, resolution: int = 64, extent: float = 0.6) -> np.ndarray:
+    """Inside/outside of the cell centres of a resolution^3 grid over [-extent, extent]^3.
+
+    Watertight meshes: vertical rays through each column of cell centres are intersected
+    with every triangle (vectorised over triangle/column pairs from the triangles' xy
+    bounding boxes) and a cell is inside when an odd number of crossings lie below it.
+    Open meshes are voxelised and hole-filled instead (approximate).
+    Returns bool [R, R, R] indexed (x, y, z).
+    """
+    r = resolution
+    pitch = 2 * extent / r
+    centres = (np.arange(r) + 0.5) * pitch - extent
+    if not mesh.is_watertight:
+        grid = np.stack(np.meshgrid(centres, centres, centres, indexing="ij"), -1).reshape(-1, 3)
+        return mesh.voxelized(pitch).fill().is_filled(grid).reshape(r, r, r)
+    tri = np.asarray(mesh.triangles, dtype=np.float64)               # [F, 3, 3]
+    # nudge the rays off the grid so none runs exactly along an edge or through a vertex
+    jitter = np.array([1.234567e-7, 2.345678e-7])
+    lo = np.ceil((tri[:, :, :2].min(1) + extent - jitter) / pitch - 0.5).astype(np.int64)
+    hi = np.floor((tri[:, :, :2].max(1) + extent - jitter) / pitch - 0.5).astype(np.int64)
+    lo, hi = np.clip(lo, 0, r - 1), np.clip(hi, -1, r - 1)
+    nx, ny = np.maximum(hi[:, 0] - lo[:, 0] + 1, 0), np.maximum(hi[:, 1] - lo[:, 1] + 1, 0)
+    counts = nx * ny
+    face = np.repeat(np.arange(len(tri)), counts)
+    offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    ci = lo[face, 0] + offset // np.maximum(ny[face], 1)
+    cj = lo[face, 1] + offset % np.maximum(ny[face], 1)
+    px, py = centres[ci] + jitter[0], centres[cj] + jitter[1]
+    a, b, c = tri[face, 0], tri[face, 1], tri[face, 2]
+    det = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
+    ok = np.abs(det) > 1e-18
+    det = np.where(ok, det, 1.0)
+    w1 = ((px - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (py - a[:, 1])) / det
+    w2 = ((b[:, 0] - a[:, 0]) * (py - a[:, 1]) - (px - a[:, 0]) * (b[:, 1] - a[:, 1])) / det
+    w0 = 1.0 - w1 - w2
+    hit = ok & (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
+    z = w0 * a[:, 2] + w1 * b[:, 2] + w2 * c[:, 2]
+    column = (ci * r + cj)[hit]
+    first_above = np.searchsorted(centres, z[hit])                     # cells above the crossing
+    marks = np.zeros((r * r, r + 1), dtype=np.int64)
+    np.add.at(marks, (column, first_above), 1)
+    below = np.cumsum(marks, axis=1)[:, :r]                            # crossings below each cell
+    return (below % 2 == 1).reshape(r, r, r)
+
+
+def volume_iou(a: trimesh.Trimesh, b: trimesh.Trimesh, resolution: int = 64) -> float:
+    oa, ob = occupancy(a, resolution), occupancy(b, resolution)
+    union = np.logical_or(oa, ob).sum()
+    return float(np.logical_and(oa, ob).sum() / union) if union else 1.0
+
+
+def rotate_z(points: np.ndarray, degrees: float) -> np.ndarray:
+    r = math.radians(degrees)
+    rot = np.array([[math.cos(r), -math.sin(r), 0], [math.sin(r), math.cos(r), 0], [0, 0, 1]])
+    return points @ rot.T
+
+
+def align_yaw(pred: np.ndarray, ref: np.ndarray, step_degrees: float = 5.0) -> float:
+    """The yaw (degrees, about +z) that best maps ``pred`` onto ``ref`` by Chamfer distance."""
+    best, best_angle = math.inf, 0.0
+    for angle in np.arange(0.0, 360.0, step_degrees):
+        d = chamfer_distance(rotate_z(pred, angle), ref)
+        if d < best:
+            best, best_angle = d, float(angle)
+    return best_angle
+
+
+@dataclass
+class MeshScores:
+    chamfer: float
+    volume_iou: float
+    f_score: float
+    precision: float
+    recall: float
+    yaw: float
+    threshold: float
+
+    def as_dict(self) -> Dict[str, float]:
+        return dict(self.__dict__)
+
+
+def compare_meshes(pred: trimesh.Trimesh, ref: trimesh.Trimesh, *, samples: int = 10000,
+                   threshold: float = 0.05, yaw_step: float = 5.0, icp: bool = True,
+                   resolution: int = 64, seed: int = 0) -> MeshScores:
+    """Normalise both, align the prediction (yaw search, then ICP), and score it."""
+    pred, ref = normalize(pred), normalize(ref)
+    r = sample_surface(ref, samples, seed + 1)
+    yaw = align_yaw(sample_surface(pred, samples, seed), r, yaw_step)
+    pred = pred.copy()
+    pred.apply_transform(trimesh.transformations.rotation_matrix(math.radians(yaw), [0, 0, 1]))
+    # the bounding box of a turned prediction differs: normalise again in the reference's frame
+    pred = normalize(pred)
+    if icp:
+        refine, _, _ = trimesh.registration.icp(sample_surface(pred, samples, seed), r,
+                                                max_iterations=30, reflection=False, scale=False)
+        pred.apply_transform(refine)
+    p = sample_surface(pred, samples, seed)
+    f, prec, rec = f_score(p, r, threshold)
+    return MeshScores(chamfer_distance(p, r), volume_iou(pred, ref, resolution), f, prec, rec,
+                      yaw, threshold)
+
+
+# -- images -------------------------------------------------------------------------------
+
+def psnr(pred: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of images in [0, 1] (any matching shapes)."""
+    mse = F.mse_loss(pred.float(), ref.float()).item()
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim(pred: torch.Tensor, ref: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM (Wang et al. 2004, Gaussian window) of [H, W, C] images in [0, 1]."""
+    x = pred.float().permute(2, 0, 1)[None]
+    y = ref.float().permute(2, 0, 1)[None]
+    c = x.shape[1]
+    coords = torch.arange(window, dtype=torch.float32) - (window - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum())
+    kernel = (g[:, None] @ g[None, :]).expand(c, 1, window, window)
+
+    def blur(z):
+        return F.conv2d(z, kernel, groups=c)
+
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return float(s.mean())
+
+
+def load_mesh(path: str) -> trimesh.Trimesh:
+    """Any mesh file trimesh reads (GLB scenes are merged into one mesh)."""
+    from engine.errors import InputError
+
+    try:
+        loaded = trimesh.load(path, force="mesh")
+    except Exception as exc:
+        raise InputError(f"cannot read mesh {path}: {exc}")
+    if not isinstance(loaded, trimesh.Trimesh) or len(loaded.faces) == 0:
+        raise InputError(f"{path} holds no triangles")
+    return loaded
+
+
+def compare_files(pred_path: str, ref_path: str, **kwargs) -> MeshScores:
+    return compare_meshes(load_mesh(pred_path), load_mesh(ref_path), **kwargs)
+
