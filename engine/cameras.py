@@ -17,7 +17,7 @@ Conventions (every module of the engine uses these):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -194,7 +194,7 @@ class RandomMultiViewSampler:
 
     @dataclass
     class Config:
-        groups: object = 1                 # objects per batch; a schedule (e.g. 2 then 1)
+        groups: Any = 1                    # objects per batch; a schedule (e.g. 2 then 1)
         views: int = 4                     # views per group
         elevation_range: List[float] = field(default_factory=lambda: [0.0, 30.0])
         fovy_range: List[float] = field(default_factory=lambda: [15.0, 60.0])

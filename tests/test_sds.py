@@ -68,7 +68,8 @@ def test_full_std_rescale_matches_the_conditional_std_per_object():
     target = -x0.grad * 8                                  # x0 = 0 so grad = -x0_hat / N
     cond = sds.predict_x0(x_t, eps_c, t, a)
     for o in range(2):
-        assert target[4 * o:4 * o + 4].std() == pytest.approx(cond[4 * o:4 * o + 4].std(), rel=1e-4)
+        assert target[4 * o:4 * o + 4].std().item() == pytest.approx(
+            cond[4 * o:4 * o + 4].std().item(), rel=1e-4)
 
 
 def test_classic_gradient_is_weighted_noise_residual():

@@ -1,0 +1,157 @@
+"""The ``multiview-sds`` guidance: score distillation from a multi-view diffusion model.
+
+Isotropic3D conditions the model on the CLIP image embedding of the input picture only;
+MVDream conditions it on a prompt. Renders are resized to the model's resolution (and
+VAE-encoded for a latent model); one timestep per step is shared by all views; classifier-free
+guidance; the reconstruction or the classic form of the loss (guidance/sds.py). Gradients reach
+the renders only: the model is frozen and runs under no_grad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.cameras import Cameras
+from engine.errors import ConfigError
+from engine.plugin import Guidance, RunInputs, StepInfo
+from engine.registry import register
+from engine.schedules import Schedule
+from guidance import sds
+from guidance.mv_cameras import CONVENTIONS, camera_vectors
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _choice(key: str, value: str, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(options)}")
+
+
+@register("guidance", "multiview-sds")
+class MultiViewSDS(Guidance):
+    """Score distillation from a multi-view diffusion model (Isotropic3D image embedding or
+    MVDream prompt conditioning)."""
+
+    loss_names = ("sds",)
+
+    @dataclass
+    class Config:
+        # a converted folder (python -m guidance.convert), a raw .ckpt/.pt, or a hub id
+        model: str = "pkunliu/Isotropic3D"
+        conditioning: str = "auto"          # auto (the model's) | image | text
+        guidance_scale: float = 10.0
+        # fractions of the 1000-step schedule; MVDream anneals both over the first 8000 steps
+        min_step_percent: Any = field(default_factory=lambda: [0, 0.98, 0.02, 8000])
+        max_step_percent: Any = field(default_factory=lambda: [0, 0.98, 0.50, 8000])
+        loss: str = "reconstruction"        # reconstruction | classic
+        std_rescale: float = 0.5            # reconstruction form only
+        camera_convention: str = "auto"     # auto (the model's) | mvdream | isotropic3d-release
+        precision: str = "fp32"             # fp32 | fp16 | bf16 (for the frozen model)
+        negative_prompt: str = ""           # text conditioning only
+        keep_conditioner: bool = False      # free the image/text encoder once embedded
+
+        def __post_init__(self):
+            _choice("conditioning", self.conditioning, ("auto", "image", "text"))
+            _choice("loss", self.loss, sds.LOSS_FORMS)
+            _choice("camera_convention", self.camera_convention, ("auto",) + CONVENTIONS)
+            _choice("precision", self.precision, tuple(PRECISIONS))
+            if self.guidance_scale < 0:
+                raise ConfigError(f"guidance_scale: must be >= 0, got {self.guidance_scale}")
+            if not 0 <= self.std_rescale <= 1:
+                raise ConfigError(f"std_rescale: must be in [0, 1], got {self.std_rescale}")
+            self.min_schedule = Schedule.parse(self.min_step_percent, "min_step_percent")
+            self.max_schedule = Schedule.parse(self.max_step_percent, "max_step_percent")
+            for key, s in (("min_step_percent", self.min_schedule),
+                           ("max_step_percent", self.max_schedule)):
+                for v in s.values():
+                    if not 0 <= v <= 1:
+                        raise ConfigError(f"{key}: values must be in [0, 1], got {v:g}")
+
+    @classmethod
+    def preflight(cls, cfg: "MultiViewSDS.Config") -> None:
+        from guidance.pretrained import check_available
+
+        check_available(cfg.model)
+
+    def __init__(self, cfg: "MultiViewSDS.Config" = None, device=None, inputs: RunInputs = None,
+                 model=None):
+        super().__init__()
+        self.cfg = cfg = cfg or MultiViewSDS.Config()
+        if model is None:
+            from guidance.pretrained import load_multiview_model
+
+            model = load_multiview_model(cfg.model, device=device,
+                                         dtype=PRECISIONS[cfg.precision])
+        self.model = model
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        info = model.info
+        self.conditioning = info.conditioning if cfg.conditioning == "auto" else cfg.conditioning
+        self.convention = (info.camera_convention if cfg.camera_convention == "auto"
+                           else cfg.camera_convention)
+        self.dtype = PRECISIONS[cfg.precision]
+        cond, uncond = self._embed(inputs or RunInputs())
+        self.register_buffer("context_cond", cond, persistent=False)
+        self.register_buffer("context_uncond", uncond, persistent=False)
+        if not cfg.keep_conditioner:
+            model.conditioner = None
+
+    @torch.no_grad()
+    def _embed(self, inputs: RunInputs):
+        if self.conditioning == "image":
+            if inputs.image is None:
+                raise ConfigError("guidance multiview-sds conditions on an image: add image=PATH")
+            rgb = inputs.image.rgb.permute(2, 0, 1)[None]            # composited on white
+            rgb = F.interpolate(rgb, size=(256, 256), mode="bicubic", align_corners=False,
+                                antialias=True).clamp(0, 1)
+            dev = next(self.model.parameters()).device
+            cond = self.model.embed_image(rgb.to(dev, self.dtype))
+            uncond = self.model.unconditional_context(1).to(cond)
+            return cond, uncond
+        if not inputs.prompt:
+            raise ConfigError('guidance multiview-sds conditions on text: add prompt="..."')
+        cond = self.model.embed_text([inputs.prompt])
+        uncond = self.model.embed_text([self.cfg.negative_prompt])
+        return cond, uncond
+
+    def t_range(self, step: int):
+        """[t_min, t_max] at this stage step."""
+        return sds.timestep_bounds(self.cfg.min_schedule(step), self.cfg.max_schedule(step))
+
+    def forward(self, outputs: Dict[str, Tensor], cameras: Cameras,
+                step: StepInfo) -> Dict[str, Tensor]:
+        model, info = self.model, self.model.info
+        rgb = outputs["rgb"].permute(0, 3, 1, 2)
+        n, views = rgb.shape[0], cameras.views_per_object
+        if n % views:
+            raise ValueError(f"{n} renders are not whole groups of {views} views")
+        rgb = F.interpolate(rgb, size=(info.image_size, info.image_size), mode="bilinear",
+                            align_corners=False)
+        x0 = model.encode(rgb.to(self.dtype))
+        t_min, t_max = self.t_range(step.step)
+        t = torch.full((n,), sds.sample_timestep(t_min, t_max), device=x0.device,
+                       dtype=torch.long)
+        noise = torch.randn_like(x0)
+        alphas = model.alphas_cumprod.to(x0.device)
+        camera = camera_vectors(cameras, self.convention).to(x0)
+        with torch.no_grad():
+            x_t = sds.add_noise(x0.detach(), noise, t, alphas)
+            context = torch.cat([self.context_uncond.expand(n, -1, -1),
+                                 self.context_cond.expand(n, -1, -1)]).to(x0)
+            eps = model.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), context,
+                                      torch.cat([camera, camera]), views)
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps_guided = sds.classifier_free_guidance(eps_uncond, eps_cond,
+                                                      self.cfg.guidance_scale)
+        if self.cfg.loss == "reconstruction":
+            loss = sds.reconstruction_loss(x0, x_t, t, eps_guided, eps_cond, alphas, views,
+                                           self.cfg.std_rescale)
+        else:
+            loss = sds.classic_loss(x0, noise, t, eps_guided, alphas)
+        return {"sds": loss.float()}

@@ -1,0 +1,149 @@
+"""``python -m guidance.sample``: the views the multi-view model believes in (DDIM + CFG).
+
+    python -m guidance.sample image=cat.png out=cat-views.png [model=PATH] [steps=50]
+        [scale=10] [elevation=15] [azimuth=0] [views=4] [seed=0] [eta=0] [device=auto]
+    python -m guidance.sample prompt="a red chair" out=chair.png model=PATH   # text models
+
+The quick 2D preview before a long 3D run: if these views are wrong, the 3D result will be.
+Angles use the engine's convention (azimuth 0 on +x); views are 360/views degrees apart.
+Writes a PNG grid (the input picture first when there is one) and prints its path.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+@dataclass
+class SampleArgs:
+    out: str
+    image: Optional[str] = None
+    prompt: Optional[str] = None
+    model: str = "pkunliu/Isotropic3D"
+    steps: int = 50
+    scale: float = 10.0
+    elevation: float = 15.0
+    azimuth: float = 0.0
+    views: int = 4
+    seed: int = 0
+    eta: float = 0.0
+    device: str = "auto"
+    image_size: int = 256
+
+
+def parse_args(argv: List[str]) -> SampleArgs:
+    from engine.config import validate
+    from engine.errors import ConfigError
+
+    values = {}
+    for item in argv:
+        if "=" not in item:
+            raise ConfigError(f"'{item}' is not key=value; usage: {USAGE.strip()}")
+        k, v = item.split("=", 1)
+        values[k] = v
+    if "out" not in values:
+        raise ConfigError("out=PATH.png is required (where to write the grid of views)")
+    if ("image" in values) == ("prompt" in values):
+        raise ConfigError("give exactly one of image=PATH or prompt=TEXT")
+    import yaml
+
+    typed = {k: (v if k in ("out", "image", "prompt", "model", "device") else yaml.safe_load(v))
+             for k, v in values.items()}
+    args = validate(SampleArgs, typed)
+    if args.steps < 1 or args.views < 1:
+        raise ConfigError("steps and views must be >= 1")
+    return args
+
+
+@torch.no_grad()
+def sample_views(model, context_cond, context_uncond, cameras16, num_views: int, steps: int,
+                 scale: float, eta: float, generator: torch.Generator):
+    """DDIM sampling of one object's ``num_views`` views.
+
+    Args:
+        context_cond / context_uncond: [1, L, D]; cameras16: [V, 16].
+    Returns:
+        images [V, 3, S, S] in [0, 1].
+    """
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(steps)
+    device = cameras16.device
+    size, channels = model.unet.config.sample_size, model.unet.config.in_channels
+    x = torch.randn(num_views, channels, size, size, generator=generator).to(device)
+    context = torch.cat([context_uncond.expand(num_views, -1, -1),
+                         context_cond.expand(num_views, -1, -1)])
+    cams = torch.cat([cameras16, cameras16])
+    for t in sched.timesteps:
+        tt = torch.full((2 * num_views,), int(t), device=device, dtype=torch.long)
+        eps = model.predict_noise(torch.cat([x, x]), tt, context.to(x), cams.to(x), num_views)
+        eps_u, eps_c = eps.chunk(2)
+        eps = eps_u + scale * (eps_c - eps_u)
+        x = sched.step(eps, t, x, eta=eta, generator=generator).prev_sample
+    return model.decode(x).clamp(0, 1)
+
+
+def run(argv: List[str]) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from engine.cameras import Cameras
+    from engine.images import load_reference_image
+    from engine.outputs import to_uint8
+    from engine.plugin import RunInputs
+    from engine.run import _resolve_device
+    from guidance.mv_cameras import camera_vectors
+    from guidance.multiview_sds import MultiViewSDS
+    from guidance.pretrained import load_multiview_model
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    args = parse_args(argv)
+    device = _resolve_device(args.device)
+    model = load_multiview_model(args.model, device=device)
+    image = load_reference_image(args.image, args.image_size) if args.image else None
+    guidance = MultiViewSDS(MultiViewSDS.Config(model=args.model, keep_conditioner=True),
+                            device=device, inputs=RunInputs(image=image, prompt=args.prompt),
+                            model=model)
+    az = args.azimuth + torch.arange(args.views, dtype=torch.float32) * 360.0 / args.views
+    cams = Cameras.from_spherical(args.elevation, az, 1.0, 40.0, views_per_object=args.views)
+    # sampling always uses the correct cameras; the release's double conversion was an SDS bug
+    cam16 = camera_vectors(cams, "mvdream").to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    views = sample_views(model, guidance.context_cond, guidance.context_uncond, cam16,
+                         args.views, args.steps, args.scale, args.eta, gen)
+    tiles = [to_uint8(v.permute(1, 2, 0)) for v in views]
+    if image is not None:
+        ref = torch.nn.functional.interpolate(image.rgb.permute(2, 0, 1)[None],
+                                              size=tiles[0].shape[:2], mode="area")[0]
+        tiles.insert(0, to_uint8(ref.permute(1, 2, 0)))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(out)
+    print(f"views: {out}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from engine.errors import UserError
+
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
