@@ -22,6 +22,7 @@ from omegaconf import errors as oc_errors
 
 from engine import registry
 from engine.errors import ConfigError, did_you_mean
+from engine.export import ExportConfig
 from engine.schedules import Schedule, parse_all
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +146,7 @@ class RunConfig:
     output: OutputConfig = MISSING
     system: SystemConfig = MISSING
     stages: Dict[str, StageConfig] = MISSING
+    export: Optional[ExportConfig] = MISSING   # null: no mesh / video at the end
 
     def __post_init__(self):
         if not self.stages:
@@ -390,7 +392,22 @@ def resolve(merged: DictConfig) -> Tuple[RunConfig, DictConfig]:
             raise ConfigError(f"stages.{sname}.init_from: '{stage.init_from}' is not an earlier "
                               f"stage{did_you_mean(stage.init_from, stage_names[:i])}; earlier "
                               f"stages: {', '.join(stage_names[:i]) or 'none'}")
+    _check_exportable(cfg)
     return cfg, resolved
+
+
+def _check_exportable(cfg: RunConfig) -> None:
+    """With ``export`` set, the last stage's representation must be able to give a mesh."""
+    from engine.plugin import Representation
+
+    if cfg.export is None:
+        return
+    last = list(cfg.stages)[-1]
+    cls = cfg.components[last]["representation"][0]
+    if cls.surface is Representation.surface or cls.albedo is Representation.albedo:
+        raise ConfigError(f"export: the last stage's representation "
+                          f"'{getattr(cls, 'registry_name', cls.__name__)}' cannot export a mesh; "
+                          "set export=null or end with a representation that can")
 
 
 def _check_loss_names(sname: str, stage: StageConfig, comps: Dict[str, Tuple[type, Any]]) -> None:

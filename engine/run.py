@@ -168,8 +168,34 @@ def _train(cfg, resolved, device, inputs, resume_ckpt) -> int:
         return exc.exit_code
     last = list(cfg.stages)[-1]
     print(f"final render: {run_dir / 'renders' / f'{last}-final.png'}")
+    if cfg.export is not None:
+        for kind, path in _export(cfg, trainer, run_dir, device).items():
+            print(f"{kind}: {path}")
     print(f"output: {run_dir}")
     return 0
+
+
+def _export(cfg, trainer, run_dir: Path, device) -> dict:
+    """The textured mesh and turntable of the final representation (engine/export.py)."""
+    import torch
+
+    from engine.errors import UserError
+    from engine.export import export_representation, render_turntable
+
+    parts = trainer.last_parts
+    parts.representation.eval()
+    parts.background.eval()
+    out = run_dir / "export"
+    try:
+        with torch.no_grad():
+            paths = dict(export_representation(parts.representation, out, cfg.export, device))
+            if cfg.export.turntable.enabled:
+                paths.update(render_turntable(parts.representation, out, cfg.export,
+                                              parts.background, device))
+    except RuntimeError as exc:
+        raise UserError(f"export failed: {exc}. Training is saved; fix the export settings and "
+                        f"run python -m engine.run resume={run_dir} to export again") from None
+    return paths
 
 
 def main(argv: Optional[List[str]] = None) -> int:

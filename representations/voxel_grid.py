@@ -8,7 +8,7 @@ rendering as the NeRF. It is fast on a CPU at small sizes, so the engine's own t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from engine.cameras import Cameras
 from engine.errors import ConfigError
 from engine.plugin import Background, Representation, StepInfo
 from engine.registry import register
+from representations.isosurface import isosurface, sample_grid
 from representations.volume import ray_sphere_bounds, render_rays, stratified_samples
 
 
@@ -36,6 +37,7 @@ class VoxelGrid(Representation):
         blob_density: float = 5.0      # initial density bump at the centre
         blob_radius: float = 0.5
         backend: str = "auto"          # compositing: auto | torch | nerfacc
+        isosurface_threshold: float = 5.0   # density of the exported surface
 
         def __post_init__(self):
             if self.resolution < 2:
@@ -70,6 +72,15 @@ class VoxelGrid(Representation):
 
     def albedo(self, points: Tensor) -> Tensor:
         return torch.sigmoid(self._sample(self.color_grid, points))
+
+    def surface(self, resolution: int = 128) -> Tuple[Tensor, Tensor]:
+        """Marching cubes of the density at ``isosurface_threshold``."""
+        grid = sample_grid(self.density, resolution, self.radius, self.density_grid.device)
+        try:
+            verts, faces = isosurface(grid, self.cfg.isosurface_threshold, self.radius)
+        except ValueError as exc:
+            raise RuntimeError(f"{exc}; set isosurface_threshold inside that range") from None
+        return verts.to(self.density_grid.device), faces.to(self.density_grid.device)
 
     def render(self, cameras: Cameras, height: int, width: int, *, background: Background,
                step: StepInfo) -> Dict[str, Tensor]:

@@ -27,5 +27,5 @@ def tiny_fit_args(image: Path, out: Path, steps: int = 12, extra=()) -> list:
         "stages.fit.representation.resolution=8", "stages.fit.representation.samples_per_ray=16",
         "inputs.image_size=32", "output.progress=false", "output.render_size=16",
         "output.render_views=2", "output.render_every=0", "output.checkpoint_every=4",
-        "output.keep_checkpoints=100", *extra,
+        "output.keep_checkpoints=100", "export=null", *extra,
     ]

@@ -194,3 +194,43 @@ def test_list_and_dry_run(capsys):
     assert "seed: 7" in out and "blob_radius: 0.5" in out
     assert main(["--help"]) == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_run_exports_a_textured_mesh_and_turntable(rgba_image, tmp_path, capsys):
+    import trimesh
+
+    out = tmp_path / "exp"
+    args = [a for a in tiny_fit_args(rgba_image, out, steps=30) if a != "export=null"]
+    args += ["stages.fit.representation.resolution=16", "export.mesh_resolution=24",
+             "export.texture_size=64", "export.turntable.frames=3", "export.turntable.size=32",
+             "stages.fit.representation.isosurface_threshold=3.0"]
+    assert main(args) == 0
+    printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    glb = Path(printed["glb"])
+    assert glb.parent == out / "export" and Path(printed["obj"]).is_file()
+    mesh = trimesh.load(glb, force="mesh")
+    assert len(mesh.faces) > 0 and mesh.visual.material.baseColorTexture is not None
+    assert Path(printed["gif"]).is_file() and Path(printed["mp4"]).is_file()
+
+
+def test_export_of_a_representation_without_a_mesh_is_refused_at_load(capsys):
+    from engine import config
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot export a mesh"):
+        config.load("fit-image", ["stages.fit.representation.type=test-no-mesh"])
+
+
+class NoMesh(torch.nn.Module):
+    """A representation that cannot give a mesh (for the export check)."""
+
+    from engine.plugin import Representation as _R
+    from representations.voxel_grid import VoxelGrid as _V
+    Config = _V.Config
+    surface = _R.surface
+    albedo = _R.albedo
+    loss_names = ("opacity_sparsity",)
+    param_group_names = ("density", "color")
+
+
+registry.REGISTRY.add("representation", "test-no-mesh", NoMesh)
