@@ -54,12 +54,16 @@ class MultiViewSDS(Guidance):
         precision: str = "fp32"             # fp32 | fp16 | bf16 (for the frozen model)
         negative_prompt: str = ""           # text conditioning only
         keep_conditioner: bool = False      # free the image/text encoder once embedded
+        # the step the t-range schedules read: "run" counts across stages (so a refinement
+        # stage continues where the NeRF stage's annealing ended), "stage" restarts at 0
+        schedule_clock: str = "run"
 
         def __post_init__(self):
             _choice("conditioning", self.conditioning, ("auto", "image", "text"))
             _choice("loss", self.loss, sds.LOSS_FORMS)
             _choice("camera_convention", self.camera_convention, ("auto",) + CONVENTIONS)
             _choice("precision", self.precision, tuple(PRECISIONS))
+            _choice("schedule_clock", self.schedule_clock, ("run", "stage"))
             if self.guidance_scale < 0:
                 raise ConfigError(f"guidance_scale: must be >= 0, got {self.guidance_scale}")
             if not 0 <= self.std_rescale <= 1:
@@ -134,7 +138,8 @@ class MultiViewSDS(Guidance):
         rgb = F.interpolate(rgb, size=(info.image_size, info.image_size), mode="bilinear",
                             align_corners=False)
         x0 = model.encode(rgb.to(self.dtype))
-        t_min, t_max = self.t_range(step.step)
+        t_min, t_max = self.t_range(step.global_step if self.cfg.schedule_clock == "run"
+                                    else step.step)
         t = torch.full((n,), sds.sample_timestep(t_min, t_max), device=x0.device,
                        dtype=torch.long)
         noise = torch.randn_like(x0)

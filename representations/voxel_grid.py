@@ -37,7 +37,7 @@ class VoxelGrid(Representation):
         blob_density: float = 5.0      # initial density bump at the centre
         blob_radius: float = 0.5
         backend: str = "auto"          # compositing: auto | torch | nerfacc
-        isosurface_threshold: float = 5.0   # density of the exported surface
+        isosurface_threshold: float = 2.5   # density of the exported surface (blob peak: 5)
 
         def __post_init__(self):
             if self.resolution < 2:

@@ -99,6 +99,22 @@ def test_text_model_needs_a_prompt_and_uses_it(text_model_dir):
     assert rgb.grad.abs().sum() > 0
 
 
+def test_timestep_range_reads_the_run_clock_across_stages(image_model_dir, rgba_image,
+                                                         monkeypatch):
+    from guidance import sds
+
+    seen = []
+    monkeypatch.setattr(sds, "sample_timestep", lambda lo, hi, g=None: seen.append((lo, hi)) or lo)
+    inputs = RunInputs(image=load_reference_image(rgba_image, 64))
+    rgb = torch.rand(4, 16, 16, 3)
+    second_stage = StepInfo("dmtet", 1, 0, 5000, 10000)
+    for clock in ("run", "stage"):
+        g = MultiViewSDS(MultiViewSDS.Config(model=str(image_model_dir), schedule_clock=clock),
+                         inputs=inputs)
+        g({"rgb": rgb}, four_views(), second_stage)
+    assert seen == [(20, 500), (980, 980)]
+
+
 def test_release_camera_convention_can_be_forced(image_model_dir, rgba_image):
     inputs = RunInputs(image=load_reference_image(rgba_image, 64))
     g = MultiViewSDS(MultiViewSDS.Config(model=str(image_model_dir),
@@ -109,6 +125,7 @@ def test_release_camera_convention_can_be_forced(image_model_dir, rgba_image):
 def sds_recipe(tmp_path: Path, model: str) -> Path:
     recipe = {
         "description": "tiny SDS run for tests",
+        "export": None,
         "inputs": {"requires": ["image"], "image_size": 32},
         "output": {"progress": False, "render_size": 16, "render_views": 2,
                    "render_every": 0, "checkpoint_every": 0},

@@ -88,3 +88,9 @@ def test_add_noise_and_predict_x0_invert_each_other():
     t = torch.tensor([0, 500, 999])
     x_t = sds.add_noise(x0, noise, t, a)
     torch.testing.assert_close(sds.predict_x0(x_t, noise, t, a), x0, rtol=1e-3, atol=1e-3)
+
+
+
+def test_schedule_clock_is_validated():
+    with pytest.raises(Exception, match="schedule_clock"):
+        MultiViewSDS.Config(schedule_clock="wall")
