@@ -133,8 +133,9 @@ class Guidance(nn.Module):
     in the representation; gradients must reach the renders only.
 
     ``loss_names`` (class attribute) lists the losses it can return, so recipes are checked at
-    load time. An optional classmethod ``preflight(cfg)`` runs before the first stage starts:
-    check there that weights exist, so a run fails at once rather than mid-way.
+    load time. An optional classmethod ``preflight(cfg, key)`` runs before the first stage
+    starts (``key`` is where its settings live, e.g. ``stages.nerf.guidance``): check there
+    that weights exist, so a run fails at once rather than mid-way.
     """
 
     loss_names: Optional[Tuple[str, ...]] = None

@@ -122,11 +122,11 @@ def run(argv: List[str]) -> int:
 
     config.check_inputs(cfg)
     device = _resolve_device(cfg.system.device)
-    for stage_components in cfg.components.values():
-        for cls, ccfg in stage_components.values():
+    for sname, stage_components in cfg.components.items():
+        for field_name, (cls, ccfg) in stage_components.items():
             preflight = getattr(cls, "preflight", None)
             if preflight is not None:
-                preflight(ccfg)
+                preflight(ccfg, key=f"stages.{sname}.{field_name}")
     inputs = _load_inputs(cfg)
     return _train(cfg, resolved, device, inputs, resume_ckpt)
 

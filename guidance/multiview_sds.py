@@ -77,10 +77,10 @@ class MultiViewSDS(Guidance):
                         raise ConfigError(f"{key}: values must be in [0, 1], got {v:g}")
 
     @classmethod
-    def preflight(cls, cfg: "MultiViewSDS.Config") -> None:
+    def preflight(cls, cfg: "MultiViewSDS.Config", key: str = "stages.<stage>.guidance") -> None:
         from guidance.pretrained import check_available
 
-        check_available(cfg.model)
+        check_available(cfg.model, key=f"{key}.model")
 
     def __init__(self, cfg: "MultiViewSDS.Config" = None, device=None, inputs: RunInputs = None,
                  model=None):
