@@ -174,3 +174,40 @@ def test_sample_cli_writes_a_grid_of_views(image_model_dir, rgba_image, tmp_path
     assert grid.size == (5 * 16, 16)                    # the input, then 4 views of 16 px
     assert sample_main([f"out={out}"]) == 2
     assert "image=PATH or prompt=TEXT" in capsys.readouterr().err
+
+
+def tiny_isotropic3d_args(model: Path, image: Path, out: Path) -> list:
+    """recipes/isotropic3d.yaml shrunk to a few seconds, with a tiny model substituted."""
+    small_grid = "{n_levels: 2, n_features: 2, log2_table_size: 8, base_resolution: 4}"
+    args = ["recipe=isotropic3d", f"image={image}", f"out={out}", "inputs.image_size=32",
+            "output.progress=false", "output.render_size=16", "output.render_views=2",
+            "export.mesh_resolution=16", "export.texture_size=32", "export.decimate_faces=0",
+            "export.turntable.frames=2", "export.turntable.size=16",
+            "stages.dmtet.representation.resolution=8",
+            f"stages.dmtet.representation.color={small_grid}"]
+    for stage in ("nerf", "dmtet"):
+        args += [f"stages.{stage}.steps=2", f"stages.{stage}.resolution=16",
+                 f"stages.{stage}.cameras.groups=1", f"stages.{stage}.guidance.model={model}"]
+    args += [f"stages.nerf.representation.hash_grid={small_grid}",
+             "stages.nerf.representation.samples_per_ray=8",
+             "stages.nerf.representation.isosurface_threshold=5"]
+    return args
+
+
+def test_isotropic3d_recipe_runs_end_to_end_with_a_tiny_model(image_model_dir, rgba_image,
+                                                              tmp_path, capsys):
+    out = tmp_path / "iso"
+    assert main(tiny_isotropic3d_args(image_model_dir, rgba_image, out)) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in records] == [("nerf", 0), ("nerf", 1),
+                                                         ("dmtet", 0), ("dmtet", 1)]
+    assert all(r["loss/sds"] > 0 for r in records)
+    assert "glb: " in capsys.readouterr().out
+
+
+def test_isotropic3d_without_weights_stops_at_once(rgba_image, tmp_path, capsys):
+    out = tmp_path / "iso"
+    args = tiny_isotropic3d_args(tmp_path / "missing-weights", rgba_image, out)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "stages.nerf.guidance.model" in err and not out.exists()

@@ -1,0 +1,372 @@
+"""Hash-grid NeRF (the Isotropic3D / MVDream coarse stage) with its volume renderer.
+
+One multi-resolution hash grid feeds two small MLPs (threestudio's ``implicit-volume``):
+density ``softplus(raw + blob(x))`` with the Magic3D blob ``blob_density * (1 - |x| /
+blob_radius)``, and albedo ``sigmoid(mlp(enc))``. Rays from the engine's cameras are clipped
+to the bounding sphere, sampled in ``samples_per_ray`` stratified bins, thinned by the
+occupancy grid (dropped samples keep zero density), shaded per sample and composited.
+
+When normals are computed (the ``need_normals`` rule):
+    eval renders always; training renders when the shading mode of the render is not
+    ``albedo``, or when ``orientation_normals`` is true (the default: the published recipe
+    weights the orientation regulariser from step 0). A training render without normals gives
+    an orientation regulariser of 0.
+
+Analytic normals use a closed-form spatial Jacobian of the hash grid and of the ReLU MLP
+instead of autograd's double backward, so they work under torch.compile and in no-grad
+evaluation; ``finite_difference`` uses central differences of the pre-activation density.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.cameras import Cameras
+from engine.errors import ConfigError
+from engine.plugin import Background, Representation, StepInfo
+from engine.registry import register
+from representations import volume
+from representations.encodings import HashGridConfig, HashGridEncoding
+from representations.isosurface import isosurface, sample_grid
+from representations.occupancy import OccupancyGrid
+from representations.shading import (ShadingConfig, choose_shading, random_light_positions,
+                                     shade)
+
+NORMAL_MODES = ("analytic", "finite_difference")
+
+
+class MLP(nn.Module):
+    """ReLU MLP without biases (as tinycudann's fully fused MLP that threestudio uses):
+    ``n_in -> hidden (x n_hidden_layers) -> n_out``."""
+
+    def __init__(self, n_in: int, hidden: int, n_out: int, n_hidden_layers: int = 1):
+        super().__init__()
+        dims = [n_in] + [hidden] * n_hidden_layers + [n_out]
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+    def forward_with_input_grad(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """For a scalar-output MLP: out [N] and d out / d x [N, n_in], in closed form.
+        Both differentiable with respect to the weights and ``x`` (first-order graph)."""
+        pre = []
+        h = x
+        for layer in self.layers[:-1]:
+            z = layer(h)
+            pre.append(z)
+            h = F.relu(z)
+        out = self.layers[-1](h)[:, 0]
+        g = self.layers[-1].weight[0].expand(x.shape[0], -1)
+        for layer, z in zip(reversed(self.layers[:-1]), reversed(pre)):
+            g = (g * (z > 0).to(g.dtype)) @ layer.weight
+        return out, g
+
+
+class ColorField(nn.Module):
+    """Albedo field: its own hash grid and MLP, ``forward(points [N, 3]) -> albedo [N, 3]`` in
+    [0, 1] (sigmoid). Self-contained, so DMTet can deep-copy the NeRF's colour branch.
+    Differentiable with respect to its parameters and the points."""
+
+    def __init__(self, encoding: HashGridConfig = None, hidden: int = 64,
+                 n_hidden_layers: int = 1, bound: float = 1.0):
+        super().__init__()
+        self.encoding = HashGridEncoding(encoding or HashGridConfig(), bound)
+        self.mlp = MLP(self.encoding.output_dim, hidden, 3, n_hidden_layers)
+
+    def from_encoded(self, enc: Tensor) -> Tensor:
+        """Albedo [N, 3] from this field's encoding of the points [N, D]."""
+        return torch.sigmoid(self.mlp(enc))
+
+    def forward(self, points: Tensor) -> Tensor:
+        return self.from_encoded(self.encoding(points))
+
+
+@dataclass
+class OccupancyConfig:
+    enabled: bool = True
+    resolution: int = 64
+    update_every: int = 16            # steps between grid refreshes
+    threshold: float = 0.01           # opacity of one render step below which a cell is empty
+    decay: float = 0.95               # running estimate: max(decay * old, new)
+    dilate: int = 1                   # grow the occupied cells by this many cells
+
+    def __post_init__(self):
+        if self.resolution < 2:
+            raise ConfigError(f"resolution: must be >= 2, got {self.resolution}")
+        if self.update_every < 1:
+            raise ConfigError(f"update_every: must be >= 1, got {self.update_every}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ConfigError(f"threshold: must be in [0, 1), got {self.threshold}")
+        if not 0.0 <= self.decay <= 1.0:
+            raise ConfigError(f"decay: must be in [0, 1], got {self.decay}")
+        if self.dilate < 0:
+            raise ConfigError(f"dilate: must be >= 0, got {self.dilate}")
+
+
+@dataclass
+class NeRFConfig:
+    radius: float = 1.0                       # bounding sphere (and the grid's cube)
+    # hash_grid.backend (auto|torch|tcnn) and hash_grid.compile choose the encoding path
+    hash_grid: HashGridConfig = field(default_factory=HashGridConfig)
+    mlp_hidden: int = 64
+    mlp_hidden_layers: int = 1
+    blob_density: float = 10.0
+    blob_radius: float = 0.5
+    samples_per_ray: int = 64
+    occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)
+    shading: ShadingConfig = field(default_factory=ShadingConfig)
+    normal_mode: str = "analytic"             # analytic | finite_difference
+    finite_difference_eps: float = 0.01
+    orientation_normals: bool = True          # normals in every training render (see module doc)
+    composite_backend: str = "auto"           # auto | torch | nerfacc (dense compositing)
+    isosurface_threshold: float = 25.0        # density level of the exported surface
+    eval_chunk_rays: int = 4096               # rays per chunk when not training
+
+    def __post_init__(self):
+        if self.radius <= 0:
+            raise ConfigError(f"radius: must be > 0, got {self.radius}")
+        if self.mlp_hidden < 1 or self.mlp_hidden_layers < 1:
+            raise ConfigError(f"mlp_hidden/mlp_hidden_layers: must be >= 1, got "
+                              f"{self.mlp_hidden}, {self.mlp_hidden_layers}")
+        if self.blob_radius <= 0:
+            raise ConfigError(f"blob_radius: must be > 0, got {self.blob_radius}")
+        if self.samples_per_ray < 1:
+            raise ConfigError(f"samples_per_ray: must be >= 1, got {self.samples_per_ray}")
+        if self.normal_mode not in NORMAL_MODES:
+            raise ConfigError(f"normal_mode: '{self.normal_mode}' is not one of "
+                              f"{', '.join(NORMAL_MODES)}")
+        if self.finite_difference_eps <= 0:
+            raise ConfigError(f"finite_difference_eps: must be > 0, got "
+                              f"{self.finite_difference_eps}")
+        if self.composite_backend not in volume.BACKENDS:
+            raise ConfigError(f"composite_backend: '{self.composite_backend}' is not one of "
+                              f"{', '.join(volume.BACKENDS)}")
+        if self.eval_chunk_rays < 1:
+            raise ConfigError(f"eval_chunk_rays: must be >= 1, got {self.eval_chunk_rays}")
+
+
+def _step_number(step: Union[StepInfo, int, None]) -> int:
+    if step is None:
+        return 0
+    return int(step.step) if isinstance(step, StepInfo) else int(step)
+
+
+def _normalize(v: Tensor) -> Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@register("representation", "nerf")
+class NeRF(Representation):
+    """Hash-grid NeRF (Instant-NGP grid, softplus density with a blob, sigmoid albedo),
+    rendered with stratified samples, occupancy skipping and optional diffuse shading."""
+
+    Config = NeRFConfig
+
+    def __init__(self, cfg: NeRFConfig = None, device=None):
+        super().__init__()
+        self.cfg = cfg = cfg or NeRFConfig()
+        self.color_field = ColorField(cfg.hash_grid, cfg.mlp_hidden, cfg.mlp_hidden_layers,
+                                      bound=cfg.radius)
+        self.density_mlp = MLP(self.encoding.output_dim, cfg.mlp_hidden, 1,
+                               cfg.mlp_hidden_layers)
+        oc = cfg.occupancy
+        self.occupancy = OccupancyGrid(oc.resolution, cfg.radius, oc.threshold, oc.decay,
+                                       oc.dilate)
+        if device is not None:
+            self.to(device)
+
+    @property
+    def encoding(self) -> HashGridEncoding:
+        """The hash grid shared by density and colour (held by ``color_field``)."""
+        return self.color_field.encoding
+
+    # -- fields ---------------------------------------------------------------------------
+    def blob(self, points: Tensor) -> Tensor:
+        """Density bias [N] = blob_density * (1 - |x| / blob_radius)."""
+        return self.cfg.blob_density * (1.0 - points.norm(dim=-1) / self.cfg.blob_radius)
+
+    def _pre_density(self, points: Tensor, enc: Optional[Tensor] = None) -> Tensor:
+        if enc is None:
+            enc = self.encoding(points)
+        return self.density_mlp(enc)[:, 0] + self.blob(points)
+
+    def density(self, points: Tensor) -> Tensor:
+        """sigma [N] >= 0 at world points [N, 3]. Differentiable w.r.t. parameters and points."""
+        return F.softplus(self._pre_density(points))
+
+    def albedo(self, points: Tensor) -> Tensor:
+        """Albedo [N, 3] in [0, 1] at world points [N, 3] (the colour field)."""
+        return self.color_field(points)
+
+    def field(self, points: Tensor, need_normals: bool) -> Dict[str, Tensor]:
+        """Density [N], albedo [N, 3] and, with ``need_normals``, unit outward normals
+        [N, 3] (minus the normalised density gradient) at points [N, 3].
+        Differentiable with respect to all parameters (normals included)."""
+        if need_normals and self.cfg.normal_mode == "analytic" and self.encoding.uses_tcnn:
+            return self._field_autograd_normals(points)
+        if need_normals and self.cfg.normal_mode == "analytic":
+            enc, jac = self.encoding.forward_with_jacobian(points)
+            raw, g_enc = self.density_mlp.forward_with_input_grad(enc)
+            norm = points.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            g_blob = (-self.cfg.blob_density / self.cfg.blob_radius) * points / norm
+            grad = (g_enc[..., None] * jac).sum(dim=1) + g_blob
+            pre = raw + self.blob(points)
+            normal = -_normalize(grad)
+        else:
+            enc = self.encoding(points)
+            pre = self._pre_density(points, enc)
+            normal = self._fd_normals(points) if need_normals else None
+        out = {"density": F.softplus(pre), "albedo": self.color_field.from_encoded(enc)}
+        if normal is not None:
+            out["normal"] = normal
+        return out
+
+    def _field_autograd_normals(self, points: Tensor) -> Dict[str, Tensor]:
+        # tinycudann has no closed-form Jacobian: differentiate twice through its kernels
+        with torch.enable_grad():
+            pts = points.detach().requires_grad_(True)
+            enc = self.encoding(pts)
+            pre = self._pre_density(pts, enc)
+            (grad,) = torch.autograd.grad(pre.sum(), pts, create_graph=True)
+        return {"density": F.softplus(pre), "albedo": self.color_field.from_encoded(enc),
+                "normal": -_normalize(grad)}
+
+    def _fd_normals(self, points: Tensor) -> Tensor:
+        eps = self.cfg.finite_difference_eps
+        offsets = torch.eye(3, dtype=points.dtype, device=points.device) * eps
+        shifted = torch.cat([points[:, None] + offsets, points[:, None] - offsets], dim=1)
+        pre = self._pre_density(shifted.reshape(-1, 3)).reshape(-1, 2, 3)
+        return -_normalize(pre[:, 0] - pre[:, 1])
+
+    # -- rendering ------------------------------------------------------------------------
+    def render(self, cameras: Cameras, height: int, width: int, *, background: Background,
+               step: Union[StepInfo, int, None] = None) -> Dict[str, Tensor]:
+        """Render B cameras.
+
+        Returns rgb [B, H, W, 3] (shaded, over ``background``), albedo [B, H, W, 3]
+        (composited unshaded colour), opacity, depth [B, H, W, 1], normal [B, H, W, 3]
+        (composited world normals; zeros when not computed) and, when normals were computed
+        in training, ``orientation`` [B, H, W, 1] (per-ray DreamFusion term). The shading
+        mode used is left in ``self.last_shading``.
+        Differentiable with respect to the parameters and the background.
+        """
+        cfg = self.cfg
+        b = len(cameras)
+        origins, dirs = cameras.rays(height, width)
+        mode = choose_shading(cfg.shading, _step_number(step), self.training)
+        need_normals = (not self.training) or mode != "albedo" or cfg.orientation_normals
+        light = random_light_positions(cameras, cfg.shading) if mode != "albedo" else None
+        o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
+        cam = torch.arange(b, device=o.device).repeat_interleave(height * width)
+        if self.training:
+            out = self._render_rays(o, d, cam, light, mode, need_normals)
+        else:
+            parts = [self._render_rays(o[i:i + cfg.eval_chunk_rays], d[i:i + cfg.eval_chunk_rays],
+                                       cam[i:i + cfg.eval_chunk_rays], light, mode, need_normals)
+                     for i in range(0, o.shape[0], cfg.eval_chunk_rays)]
+            out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        out = {k: v.reshape(b, height, width, -1) for k, v in out.items()}
+        bg = background(dirs)
+        out["rgb"] = out.pop("rgb_fg") + (1.0 - out["opacity"]) * bg
+        self.last_shading = mode
+        if "normal" not in out:
+            out["normal"] = torch.zeros_like(out["rgb"])
+        if not self.training:
+            out.pop("orientation", None)
+        return out
+
+    def sample_mask(self, points: Tensor, hit: Tensor) -> Tensor:
+        """Which samples [R, S] are evaluated: inside the sphere and in an occupied cell."""
+        mask = hit[:, None].expand(points.shape[:2])
+        if self.cfg.occupancy.enabled:
+            mask = mask & self.occupancy.lookup(points)
+        return mask
+
+    def _render_rays(self, o: Tensor, d: Tensor, cam: Tensor, light: Optional[Tensor],
+                     mode: str, need_normals: bool) -> Dict[str, Tensor]:
+        cfg = self.cfg
+        n_rays, n_samples = o.shape[0], cfg.samples_per_ray
+        near, far, hit = volume.ray_sphere_bounds(o, d, cfg.radius)
+        t0, t1 = volume.stratified_samples(near, far, n_samples, perturb=self.training)
+        mid = 0.5 * (t0 + t1)
+        pts = o[:, None, :] + d[:, None, :] * mid[..., None]                  # [R, S, 3]
+        flat = self.sample_mask(pts, hit).reshape(-1).nonzero().squeeze(1)
+        p = pts.reshape(-1, 3).index_select(0, flat)
+        f = self.field(p, need_normals)
+        color = f["albedo"]
+        if mode != "albedo":
+            ray = flat // n_samples
+            to_light = _normalize(light.index_select(0, cam.index_select(0, ray)) - p)
+            color = shade(f["albedo"], f["normal"], to_light, mode, cfg.shading.ambient,
+                          cfg.shading.diffuse)
+
+        def dense(values: Tensor) -> Tensor:
+            full = values.new_zeros((n_rays * n_samples,) + values.shape[1:])
+            return full.index_copy(0, flat, values).reshape(n_rays, n_samples, *values.shape[1:])
+
+        weights = volume.weights_from_density(dense(f["density"]), t0, t1,
+                                              cfg.composite_backend)
+        out = {"rgb_fg": volume.composite(weights, dense(color)),
+               "opacity": weights.sum(dim=1, keepdim=True),
+               "depth": volume.composite(weights, mid[..., None])}
+        out["albedo"] = out["rgb_fg"] if mode == "albedo" else volume.composite(
+            weights, dense(f["albedo"]))
+        if need_normals:
+            normal = dense(f["normal"])
+            out["normal"] = volume.composite(weights, normal)
+            if self.training:
+                facing = (normal * d[:, None, :]).sum(-1).clamp_min(0.0)
+                out["orientation"] = (weights.detach() * facing ** 2).sum(dim=1, keepdim=True)
+        return out
+
+    # -- training hooks -------------------------------------------------------------------
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return {"encoding": list(self.encoding.parameters()),
+                "mlp": list(self.density_mlp.parameters()) + list(self.color_field.mlp.parameters())}
+
+    def regularizers(self, outputs: Dict[str, Tensor], step) -> Dict[str, Tensor]:
+        """``orientation``: DreamFusion's sum_i stop_grad(w_i) max(0, n_i . d)^2 per ray, mean
+        over rays (0 when the render computed no normals); ``opacity_sparsity``: mean of
+        sqrt(opacity^2 + 0.01) (threestudio's sparsity loss)."""
+        opacity = outputs["opacity"]
+        orient = outputs.get("orientation")
+        return {"orientation": orient.mean() if orient is not None else opacity.new_zeros(()),
+                "opacity_sparsity": (opacity ** 2 + 0.01).sqrt().mean()}
+
+    def before_step(self, step) -> None:
+        """Refresh the occupancy grid every ``occupancy.update_every`` steps."""
+        oc = self.cfg.occupancy
+        if oc.enabled and _step_number(step) % oc.update_every == 0:
+            self.update_occupancy()
+
+    @torch.no_grad()
+    def update_occupancy(self) -> None:
+        step_size = 2.0 * self.cfg.radius / self.cfg.samples_per_ray
+        self.occupancy.update(self.density, step_size)
+
+    # -- export ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def density_grid(self, resolution: int, chunk: int = 65536) -> Tensor:
+        """Density [R, R, R] at the nodes of a regular grid over [-radius, radius]^3, indexed
+        [x, y, z]. Not differentiable."""
+        return sample_grid(self.density, resolution, self.cfg.radius, self.encoding.table.device,
+                           chunk)
+
+    def surface(self, resolution: int = 128) -> Tuple[Tensor, Tensor]:
+        """Marching cubes of the density at ``isosurface_threshold`` -> vertices [V, 3]
+        (world), faces [F, 3] long, counter-clockwise seen from outside."""
+        try:
+            verts, faces = isosurface(self.density_grid(resolution),
+                                      self.cfg.isosurface_threshold, self.cfg.radius)
+        except ValueError as exc:
+            raise RuntimeError(f"{exc}; set isosurface_threshold inside that range") from None
+        dev = self.encoding.table.device
+        return verts.to(dev), faces.to(dev)

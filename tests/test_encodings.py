@@ -1,0 +1,162 @@
+"""Hash-grid encoding: layout, exact indexing, reference equality, gradients, backends."""
+
+import pytest
+import torch
+
+from engine.errors import ConfigError
+from representations.encodings import (PRIMES, HashGridConfig, HashGridEncoding, grid_layout,
+                                       hash_grid_encode, hash_grid_reference, layout_tensors)
+
+
+def _enc(**kw):
+    torch.manual_seed(0)
+    enc = HashGridEncoding(HashGridConfig(backend="torch", **kw))
+    with torch.no_grad():   # larger values than the 1e-4 init so differences are visible
+        enc.table.uniform_(-1.0, 1.0)
+    return enc
+
+
+def test_default_layout_matches_instant_ngp_rules():
+    lay = grid_layout(HashGridConfig())
+    assert lay.resolutions[:6] == (16, 24, 34, 49, 71, 102)
+    assert lay.dense == (True,) * 5 + (False,) * 11
+    # dense sizes are res^3 rounded up to a multiple of 8; hashed levels get 2^19 entries
+    assert lay.sizes[:5] == (4096, 13824, 39304, 117656, 357912)
+    assert set(lay.sizes[5:]) == {2 ** 19}
+    assert lay.offsets[1] == 4096 and lay.n_entries == 532792 + 11 * 2 ** 19
+    enc = HashGridEncoding(HashGridConfig())
+    assert enc.output_dim == 32 and tuple(enc.table.shape) == (lay.n_entries, 2)
+    assert enc.table.abs().max() <= 1e-4
+
+
+def test_dense_level_indexing_exact():
+    # one level, scale 2 -> 3 nodes per side, dense 27 entries (table of 32)
+    enc = HashGridEncoding(HashGridConfig(n_levels=1, n_features=1, base_resolution=3,
+                                          log2_table_size=8, backend="torch"))
+    assert enc.layout.resolutions == (3,) and enc.layout.dense == (True,)
+    assert enc.layout.sizes == (32,)
+    with torch.no_grad():
+        enc.table.copy_(torch.arange(32, dtype=torch.float32)[:, None])
+    # value = node index i + 3 j + 9 k is linear in the node, so trilinear interpolation
+    # gives exactly pos_x + 3 pos_y + 9 pos_z with pos = 2 * u + 0.5, u in [0, 1]
+    u = torch.tensor([[0.25, 0.25, 0.25],     # node (1, 1, 1): 13
+                      [0.0, 0.0, 0.0],        # pos 0.5 everywhere: 6.5
+                      [0.5, 0.1, 0.7],
+                      [0.05, 0.6, 0.3]])
+    pos = 2.0 * u + 0.5
+    expected = pos[:, 0] + 3 * pos[:, 1] + 9 * pos[:, 2]
+    got = enc(u * 2.0 - 1.0)[:, 0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert got[0].item() == pytest.approx(13.0) and got[1].item() == pytest.approx(6.5)
+
+
+def test_hashed_level_indexing_exact():
+    # one level with 27 nodes but a 16-entry table: hashed (pos >= 0.5, so nodes >= 1)
+    enc = HashGridEncoding(HashGridConfig(n_levels=1, n_features=1, base_resolution=3,
+                                          log2_table_size=4, backend="torch"))
+    assert enc.layout.dense == (False,) and enc.layout.sizes == (16,)
+    with torch.no_grad():
+        enc.table.copy_(torch.arange(16, dtype=torch.float32)[:, None] * 10.0)
+    for node in [(1, 2, 1), (2, 1, 1), (1, 1, 2), (2, 2, 2)]:
+        h = (node[0] * PRIMES[0]) ^ (node[1] * PRIMES[1]) ^ (node[2] * PRIMES[2])
+        expected = ((h % 2 ** 32) % 16) * 10.0
+        u = (torch.tensor(node, dtype=torch.float32) - 0.5) / 2.0   # exactly on the node
+        assert enc(u[None] * 2.0 - 1.0).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("kw", [dict(n_levels=4, log2_table_size=10, base_resolution=4),
+                                dict(log2_table_size=14)])
+def test_vectorised_equals_reference_values_and_gradients(kw):
+    enc = _enc(**kw)
+    torch.manual_seed(1)
+    pts = (torch.rand(3000, 3) * 2 - 1).requires_grad_()
+    upstream = torch.randn(3000, enc.output_dim)
+    out = enc(pts)
+    g_table, g_pts = torch.autograd.grad((out * upstream).sum(), [enc.table, pts])
+    ref = enc.reference(pts)
+    r_table, r_pts = torch.autograd.grad((ref * upstream).sum(), [enc.table, pts])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(g_table, r_table, rtol=0, atol=1e-4)
+    torch.testing.assert_close(g_pts, r_pts, rtol=1e-4, atol=1e-3)
+
+
+def test_gradcheck_tiny_grid_float64():
+    lay = grid_layout(HashGridConfig(n_levels=3, n_features=2, log2_table_size=6,
+                                     base_resolution=3, per_level_scale=1.5))
+    assert lay.dense[0] and not lay.dense[-1]
+    consts = layout_tensors(lay)
+    torch.manual_seed(0)
+    table = torch.randn(lay.n_entries, 2, dtype=torch.float64, requires_grad=True)
+    # keep points off cell borders so the finite differences stay inside one cell
+    x = (torch.rand(6, 3, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t, p: hash_grid_encode(p, t, *consts), (table, x),
+                                    eps=1e-7, atol=1e-6)
+    ref = hash_grid_reference(x, table, lay)
+    torch.testing.assert_close(hash_grid_encode(x, table, *consts), ref)
+
+
+def test_closed_form_jacobian_matches_autograd():
+    enc = _enc(n_levels=4, log2_table_size=10, base_resolution=4)
+    pts = torch.rand(50, 3, dtype=torch.float32) * 1.6 - 0.8
+    out, jac = enc.forward_with_jacobian(pts)
+    torch.testing.assert_close(out, enc(pts))
+    auto = torch.autograd.functional.jacobian(lambda p: enc(p[None])[0], pts[7])   # [D, 3]
+    torch.testing.assert_close(jac[7], auto, rtol=1e-4, atol=1e-4)
+    # and the Jacobian carries a gradient to the table
+    (g,) = torch.autograd.grad(jac.sum(), enc.table)
+    assert g.abs().sum() > 0
+
+
+def test_points_outside_bound_are_clamped():
+    enc = _enc(n_levels=2, log2_table_size=8, base_resolution=4)
+    inside = torch.tensor([[1.0, -1.0, 0.3]])
+    outside = torch.tensor([[1.7, -3.0, 0.3]])
+    torch.testing.assert_close(enc(outside), enc(inside))
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="backend"):
+        HashGridConfig(backend="cuda")
+    with pytest.raises(ConfigError, match="per_level_scale"):
+        HashGridConfig(per_level_scale=0.5)
+
+
+def _tcnn_cuda():
+    try:
+        import tinycudann  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _tcnn_cuda(), reason="needs tinycudann and CUDA")
+def test_tcnn_backend_equals_torch():
+    torch.manual_seed(0)
+    enc = HashGridEncoding(HashGridConfig(n_levels=8, log2_table_size=14, backend="tcnn")).cuda()
+    with torch.no_grad():
+        enc.table.uniform_(-1, 1)
+    pts = (torch.rand(4096, 3, device="cuda") * 2 - 1).requires_grad_()
+    out = enc(pts)
+    (g_tcnn,) = torch.autograd.grad(out.square().sum(), enc.table)
+    enc.cfg.backend = "torch"
+    ref = enc(pts)
+    (g_torch,) = torch.autograd.grad(ref.square().sum(), enc.table)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(g_tcnn, g_torch, rtol=1e-3, atol=1e-3)
+
+
+def test_compiled_path_equals_eager():
+    # one compile of the hot path (tens of seconds on 2 cores); two sample counts share it
+    torch._dynamo.reset()
+    enc = _enc(n_levels=3, log2_table_size=8, base_resolution=4)
+    for n in (257, 1000):
+        pts = (torch.rand(n, 3) * 2 - 1).requires_grad_()
+        enc.cfg.compile = True
+        out = enc(pts)
+        g_table, g_pts = torch.autograd.grad(out.square().sum(), [enc.table, pts])
+        enc.cfg.compile = False
+        ref = enc(pts)
+        r_table, r_pts = torch.autograd.grad(ref.square().sum(), [enc.table, pts])
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_table, r_table, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g_pts, r_pts, rtol=1e-4, atol=1e-4)
