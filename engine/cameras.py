@@ -83,6 +83,8 @@ class Cameras:
     azimuth: Tensor                  # [B] degrees
     distance: Tensor                 # [B]
     views_per_object: int = 1
+    # which view of a dataset each camera is, when a sampler draws them from one (else None)
+    index: Optional[Tensor] = None
 
     @staticmethod
     def from_spherical(elevation_deg, azimuth_deg, distance, fovy_deg,
@@ -109,14 +111,16 @@ class Cameras:
         return self.c2w[:, :3, 3]
 
     def to(self, device) -> "Cameras":
-        return replace(self, **{k: getattr(self, k).to(device)
-                                for k in ("c2w", "fovy", "elevation", "azimuth", "distance")})
+        moved = {k: getattr(self, k).to(device)
+                 for k in ("c2w", "fovy", "elevation", "azimuth", "distance")}
+        return replace(self, index=None if self.index is None else self.index.to(device), **moved)
 
     def __getitem__(self, index) -> "Cameras":
         index = torch.as_tensor(index).reshape(-1)
         return replace(self, c2w=self.c2w[index], fovy=self.fovy[index],
                        elevation=self.elevation[index], azimuth=self.azimuth[index],
-                       distance=self.distance[index], views_per_object=1)
+                       distance=self.distance[index], views_per_object=1,
+                       index=None if self.index is None else self.index[index])
 
     def focal(self, height: int) -> Tensor:
         """Focal length in pixels [B] for an image ``height`` pixels tall."""

@@ -90,11 +90,14 @@ class SystemConfig:
     device: str = MISSING                # auto | cpu | cuda | cuda:N
     max_nan_steps: int = MISSING         # consecutive non-finite steps before the run aborts
     deterministic: bool = MISSING        # torch.use_deterministic_algorithms
+    threads: int = MISSING               # CPU threads for torch (0: torch's default)
 
     def __post_init__(self):
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
                 or self.device == "mps"):
             raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got '{self.device}'")
+        if self.threads < 0:
+            raise ConfigError(f"threads: must be >= 0, got {self.threads}")
         if self.max_nan_steps < 1:
             raise ConfigError(f"max_nan_steps: must be >= 1, got {self.max_nan_steps}")
 

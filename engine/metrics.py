@@ -194,6 +194,9 @@ def load_mesh(path: str) -> trimesh.Trimesh:
         raise InputError(f"cannot read mesh {path}: {exc}")
     if not isinstance(loaded, trimesh.Trimesh) or len(loaded.faces) == 0:
         raise InputError(f"{path} holds no triangles")
+    # textured files split vertices along UV seams; weld them back so a closed surface is
+    # seen as closed (volume IoU needs that)
+    loaded.merge_vertices(merge_tex=True, merge_norm=True)
     return loaded
 
 

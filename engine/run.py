@@ -151,6 +151,8 @@ def _train(cfg, resolved, device, inputs, resume_ckpt) -> int:
     from engine.trainer import Interrupted, Trainer
 
     torch.use_deterministic_algorithms(cfg.system.deterministic, warn_only=True)
+    if cfg.system.threads:
+        torch.set_num_threads(cfg.system.threads)
     if resume_ckpt is not None:
         run_dir = resume_ckpt.parent.parent
     else:

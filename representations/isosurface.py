@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,11 +20,34 @@ def sample_grid(field: Callable[[Tensor], Tensor], resolution: int, radius: floa
     return out.reshape(resolution, resolution, resolution)
 
 
-def isosurface(grid: Tensor, level: float, radius: float) -> Tuple[Tensor, Tensor]:
+def fill_cavities(values: np.ndarray, level: float) -> np.ndarray:
+    """Raise every below-``level`` region not connected to the grid's border above it.
+
+    Fields fitted to images are often hollow (only the visible surface is dense); marching
+    cubes would then give an inner shell too. Filling the cavities keeps the outer surface
+    exactly as it was and makes the solid what it looks like from outside.
+    """
+    from scipy import ndimage
+
+    empty = values <= level
+    labels, _ = ndimage.label(empty)
+    border = np.unique(np.concatenate([labels[0].ravel(), labels[-1].ravel(),
+                                       labels[:, 0].ravel(), labels[:, -1].ravel(),
+                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    cavity = empty & ~np.isin(labels, border[border > 0])
+    filled = values.copy()
+    filled[cavity] = level + 0.5 * (values.max() - level)
+    return filled
+
+
+def isosurface(grid: Tensor, level: float, radius: float,
+               solid: bool = True) -> Tuple[Tensor, Tensor]:
     """Marching cubes of a grid from :func:`sample_grid` where values are high inside.
 
-    Returns vertices [V, 3] (world, float32) and faces [F, 3] (long), counter-clockwise seen
-    from outside. Raises ValueError when ``level`` is outside the grid's range.
+    ``solid`` fills enclosed cavities first (see :func:`fill_cavities`), so only the outer
+    surface is extracted. Returns vertices [V, 3] (world, float32) and faces [F, 3] (long),
+    counter-clockwise seen from outside. Raises ValueError when ``level`` is outside the
+    grid's range.
     """
     from skimage.measure import marching_cubes
 
@@ -31,6 +55,8 @@ def isosurface(grid: Tensor, level: float, radius: float) -> Tuple[Tensor, Tenso
     if not values.min() < level < values.max():
         raise ValueError(f"no surface at level {level:g}: the field lies in "
                          f"[{values.min():.3g}, {values.max():.3g}]")
+    if solid:
+        values = fill_cavities(values, level)
     spacing = 2.0 * radius / (grid.shape[0] - 1)
     verts, faces, _, _ = marching_cubes(values, level=level, spacing=(spacing,) * 3)
     verts = torch.from_numpy(verts.copy()).float() - radius
