@@ -1,0 +1,312 @@
+"""python -m engine.finetune: every mode on a tiny dataset with tiny models.
+
+One module-scoped text run (through the command line) feeds the image stage, which feeds the
+ema stage, as in the toy recipes; the maths of a step are checked on hand-built tensors.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from engine.cameras import Cameras
+from engine.errors import ConfigError
+from engine.finetune import (Finetune, StepBatchSampler, build_config, build_diffusion_model,
+                             clip_loss, diffusion_loss, lr_at, main, make_diffusion_batch)
+from engine.mvdataset import write_index, write_object
+from guidance.conditioners import build_openclip, save_openclip_folder, tiny_openclip_config
+from guidance.model import MultiViewDiffusionModel
+from guidance.mv_unet import unet_forward
+
+COLOURS = {"red": (220, 40, 30), "green": (40, 200, 60), "blue": (40, 60, 220),
+           "yellow": (230, 210, 40)}
+SIZE = 16         # the files; the loader resizes them to the model's 8 px
+TINY_UNET = dict(sample_size=8, block_out_channels=[16, 32], layers_per_block=1,
+                 attention_head_dim=[1, 2], norm_num_groups=8)
+
+
+def block_view(colour, azimuth):
+    """A coloured bar whose position follows the camera azimuth (views of one object differ)."""
+    a = np.zeros((SIZE, SIZE, 4), np.uint8)
+    c = int((np.cos(np.deg2rad(azimuth)) * 0.3 + 0.5) * SIZE)
+    a[SIZE // 4: 3 * SIZE // 4, max(c - 3, 0):c + 3] = (*colour, 255)
+    return a
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread beats contending for the shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A 4-object dataset (one 4-view group + one reference each) and a tiny CLIP folder."""
+    root = tmp_path_factory.mktemp("finetune")
+    ids = []
+    for i, (name, colour) in enumerate(COLOURS.items()):
+        views = [(block_view(colour, 30.0 * i + 90.0 * k),
+                  Cameras.from_spherical(10.0, 30.0 * i + 90.0 * k, 2.0, 40.0)) for k in range(4)]
+        ref_az = 30.0 * i + 45.0
+        views.append((block_view(colour, ref_az), Cameras.from_spherical(20.0, ref_az, 2.0, 40.0)))
+        ids.append(f"obj_{i}")
+        write_object(root / "data", ids[-1], views, groups=[[0, 1, 2, 3]], references=[4],
+                     caption=f"a {name} block")
+    write_index(root / "data", ids, {"train": ids}, image_size=SIZE)
+    save_openclip_folder(build_openclip(tiny_openclip_config(), seed=0), tiny_openclip_config(),
+                         root / "clip")
+    return root
+
+
+def recipe(work, mode, **extra):
+    data = {"mode": mode, "data": {"root": str(work / "data")}, "device": "cpu",
+            "steps": 4, "batch_size": 2, "lr": 1e-3, "log_every": 1, "sample_steps": 2,
+            "sample_objects": 1, "checkpoint_every": 2, "cfg_dropout": 0.0}
+    model = extra.pop("model", {})
+    data["model"] = model
+    data.update(extra)
+    path = work / f"{mode}-{len(list(work.glob('*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def text_model_spec(work):
+    return {"init": "random", "space": "pixel", "unet": TINY_UNET,
+            "conditioner": {"model": str(work / "clip")}}
+
+
+@pytest.fixture(scope="module")
+def text_run(work):
+    """4 text-mode steps through the command line, checkpoints at 2 and 4."""
+    out = work / "text-run"
+    assert main([f"recipe={recipe(work, 'text', model=text_model_spec(work))}",
+                 f"out={out}", "sample_every=2"]) == 0
+    return out
+
+
+def fit_fixed_batch(job, steps):
+    """Adam on one batch with the same draws every step; returns the losses."""
+    batch = next(iter(job.loader))
+    losses = []
+    for _ in range(steps):
+        loss, _ = job.compute_loss(batch, torch.Generator().manual_seed(0))
+        job.accelerator.backward(loss)
+        job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+# -- command line and config ------------------------------------------------------------------
+
+def test_bad_key_is_one_line_exit_2(work, capsys):
+    path = recipe(work, "text", model=text_model_spec(work))
+    assert main([f"recipe={path}", "stepz=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stepz" in err[0] and "did you mean 'steps'" in err[0]
+    assert main([f"recipe={path}", "mode=txt"]) == 2
+    assert "did you mean 'text'" in capsys.readouterr().err
+    assert main(["recipe=no-such-recipe"]) == 2
+    assert "no fine-tuning recipe named 'no-such-recipe'" in capsys.readouterr().err
+    assert main([f"recipe={path}", "model.unet.block_out_chanels=[8]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.unet.block_out_chanels" in err[0]
+
+
+def test_recipes_in_tree_validate():
+    root = Path(__file__).resolve().parent.parent / "recipes" / "finetune"
+    names = sorted(p.stem for p in root.glob("*.yaml"))
+    assert {"toy-clip", "toy-text", "toy-image", "toy-ema"} <= set(names)
+    for name in names:
+        cfg = build_config(yaml.safe_load((root / f"{name}.yaml").read_text()), recipe=name)
+        assert cfg.mode in name
+
+
+def test_lr_warmup_and_sampler_are_step_functions():
+    assert lr_at(0, 1.0, 4) == 0.25 and lr_at(3, 1.0, 4) == 1.0 and lr_at(9, 1.0, 0) == 1.0
+    full = list(StepBatchSampler(5, 2, seed=3, start=0, steps=6, num_processes=2))
+    tail = list(StepBatchSampler(5, 2, seed=3, start=4, steps=6, num_processes=2))
+    assert len(full) == 12 and full[8:] == tail
+    # each epoch visits every object once: positions 0..4 and 5..9 of the stream
+    stream = [i for b in full for _, i in b]
+    assert sorted(stream[:5]) == list(range(5)) and sorted(stream[5:10]) == list(range(5))
+
+
+# -- the maths of one step ------------------------------------------------------------------
+
+def test_noising_dropout_and_shared_timestep():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 3, 8, 8, generator=g)
+    cond, uncond = torch.randn(3, 1, 32, generator=g), torch.zeros(1, 1, 32)
+    cams = torch.randn(3, 4, 16, generator=g)
+    ac = torch.linspace(0.99, 0.01, 1000)
+    b = make_diffusion_batch(x0, cond, uncond, cams, ac, torch.Generator().manual_seed(1), 1.0)
+    assert b.group == 4 and b.dropped.all()
+    assert torch.equal(b.context, torch.zeros(12, 1, 32))          # cfg_dropout=1: zero context
+    t = b.t.view(3, 4)
+    assert (t == t[:, :1]).all()                                    # one t per object
+    a = ac[b.t].view(-1, 1, 1, 1)
+    assert torch.allclose(b.x_t, a.sqrt() * x0.flatten(0, 1) + (1 - a).sqrt() * b.noise,
+                          atol=1e-6)
+    keep = make_diffusion_batch(x0, cond, uncond, cams, ac, torch.Generator().manual_seed(1), 0.0)
+    assert not keep.dropped.any()
+    assert torch.equal(keep.context, cond.repeat_interleave(4, 0))
+    assert torch.equal(keep.x_t, b.x_t) and torch.equal(keep.noise, b.noise)
+
+
+def test_ema_reference_joins_attention_but_not_the_loss():
+    from guidance.mv_unet import MultiViewUNetConfig
+
+    unet_cfg = MultiViewUNetConfig(in_channels=3, out_channels=3, cross_attention_dim=32,
+                                   **TINY_UNET)
+    model = MultiViewDiffusionModel.build_random(unet_cfg, "pixel", seed=0)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 3, 8, 8, generator=g)
+    ref_x0, ref_cam = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 16, generator=g)
+    cond, cams = torch.randn(2, 1, 32, generator=g), torch.randn(2, 4, 16, generator=g)
+    args = (x0, cond, torch.zeros(1, 1, 32), cams, model.alphas_cumprod)
+    ema = make_diffusion_batch(*args, torch.Generator().manual_seed(2), 0.0, (ref_x0, ref_cam))
+    plain = make_diffusion_batch(*args, torch.Generator().manual_seed(2), 0.0)
+    assert ema.group == 5 and ema.num_views == 4
+    x = ema.x_t.view(2, 5, 3, 8, 8)
+    assert torch.equal(x[:, 4], ref_x0)                              # last, never noised
+    assert torch.equal(x[:, :4].flatten(0, 1), plain.x_t)
+    assert (ema.t.view(2, 5)[:, 4] == 0).all()                       # timestep 0
+    assert torch.equal(ema.camera.view(2, 5, 16)[:, 4], ref_cam)
+    assert torch.equal(ema.context.view(2, 5, 1, 32)[:, 4], cond)
+    with torch.no_grad():
+        eps = unet_forward(model.unet, ema.x_t, ema.t, ema.context, ema.camera, 5)
+        eps_plain = unet_forward(model.unet, plain.x_t, plain.t, plain.context, plain.camera, 4)
+    noisy = eps.view(2, 5, 3, 8, 8)[:, :4].flatten(0, 1)
+    assert (noisy - eps_plain).abs().max() > 1e-4                    # the reference is attended
+    # the loss is the mean over the V noisy views only, whatever the reference's output is
+    loss = diffusion_loss(eps, ema.noise, 4, 5)
+    assert torch.allclose(loss, ((noisy - ema.noise) ** 2).mean())
+    moved = eps.clone().view(2, 5, 3, 8, 8)
+    moved[:, 4] += 100.0
+    assert torch.equal(diffusion_loss(moved.flatten(0, 1), ema.noise, 4, 5), loss)
+    eps_req = eps.clone().requires_grad_(True)
+    diffusion_loss(eps_req, ema.noise, 4, 5).backward()
+    assert eps_req.grad.view(2, 5, -1)[:, 4].abs().max() == 0
+
+
+def test_clip_loss_multi_positive():
+    feats = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
+    labels = torch.tensor([0, 0, 1])
+    images = feats[labels]
+    loss, acc = clip_loss(images, feats, torch.tensor(100.0), labels)
+    assert acc == 1.0
+    # text -> image target is uniform over the two images of caption 0: log(2) at best
+    loss_t2i = 0.5 * torch.log(torch.tensor(2.0)) / 2
+    assert torch.allclose(loss, loss_t2i, atol=1e-3)
+
+
+# -- whole runs --------------------------------------------------------------------------------
+
+def test_text_run_outputs_and_resume_is_exact(work, text_run):
+    lines = [json.loads(x) for x in (text_run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert all(np.isfinite(x["loss"]) for x in lines)
+    assert (text_run / "samples" / "step-0000002.png").is_file()
+    assert (text_run / "samples" / "step-0000004.png").is_file()
+    model = MultiViewDiffusionModel.from_pretrained(text_run / "model")
+    assert model.info.conditioning == "text" and model.info.num_views == 4
+    # resume from the step-2 checkpoint in a copy of the run: same final weights, bit for bit
+    copy = work / "text-resumed"
+    copy.mkdir()
+    shutil.copy(text_run / "config.yaml", copy / "config.yaml")
+    (copy / "checkpoints").mkdir()
+    shutil.copy(text_run / "checkpoints" / "00-text-0000002.safetensors", copy / "checkpoints")
+    shutil.copy(text_run / "metrics.jsonl", copy / "metrics.jsonl")
+    assert main([f"resume={copy}"]) == 0
+    resumed = MultiViewDiffusionModel.from_pretrained(copy / "model")
+    a, b = model.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss"] for x in again] == [x["loss"] for x in lines]
+
+
+def test_text_loss_decreases_on_a_fixed_batch(work, text_run):
+    cfg = build_config(yaml.safe_load(recipe(work, "text", model={"init": str(text_run / "model")},
+                                             lr=3e-3).read_text()), recipe="t")
+    job = Finetune(cfg, work / "fixed-text")
+    losses = fit_fixed_batch(job, 15)
+    assert all(np.isfinite(losses)) and min(losses[-3:]) < 0.5 * losses[0]
+
+
+def test_image_stage_from_text_model(work, text_run):
+    spec = {"init": str(text_run / "model"), "conditioner": {"model": str(work / "clip")}}
+    cfg = build_config(yaml.safe_load(recipe(work, "image", model=spec, lr=3e-3).read_text()),
+                       recipe="i")
+    job = Finetune(cfg, work / "image-run")
+    assert job.model.info.conditioning == "image"
+    assert job.model.unconditional_context(1).abs().max() == 0
+    losses = fit_fixed_batch(job, 15)
+    assert all(np.isfinite(losses)) and min(losses[-3:]) < 0.5 * losses[0]
+    folder = job.save_model(15)
+    back = MultiViewDiffusionModel.from_pretrained(folder)
+    assert back.info.conditioning == "image"
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)
+    ref = torch.rand(1, 3, SIZE, SIZE, generator=g)
+    cams = torch.randn(4, 16, generator=g)
+    with torch.no_grad():
+        ctx = job.model.embed_image(ref).expand(4, -1, -1)
+        assert torch.equal(back.embed_image(ref).expand(4, -1, -1), ctx)
+        assert torch.equal(back.predict_noise(x, t, ctx, cams, 4),
+                           job.model.predict_noise(x, t, ctx, cams, 4))
+
+
+def test_image_stage_refuses_mismatched_embedding(work, text_run):
+    other = dict(tiny_openclip_config(), embed_dim=16)
+    save_openclip_folder(build_openclip(other, seed=0), other, work / "clip16")
+    spec = {"init": str(text_run / "model"), "conditioner": {"model": str(work / "clip16")}}
+    cfg = build_config(yaml.safe_load(recipe(work, "image", model=spec).read_text()))
+    with pytest.raises(ConfigError, match="16 dims .* cross-attends to 32"):
+        build_diffusion_model(cfg)
+    bare = {"init": str(text_run / "model")}          # a text model has no image tower
+    with pytest.raises(ConfigError, match="text conditioner"):
+        build_diffusion_model(build_config(yaml.safe_load(
+            recipe(work, "image", model=bare).read_text())))
+
+
+def test_ema_stage_runs_and_saves_a_plain_model(work, text_run):
+    spec = {"init": str(text_run / "model"), "conditioner": {"model": str(work / "clip")}}
+    assert main([f"recipe={recipe(work, 'ema', model=spec, cfg_dropout=0.5)}",
+                 f"out={work / 'ema-run'}", "steps=3"]) == 0
+    lines = [json.loads(x) for x in (work / "ema-run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(np.isfinite(x["loss"]) for x in lines)
+    model = MultiViewDiffusionModel.from_pretrained(work / "ema-run" / "model")
+    text = MultiViewDiffusionModel.from_pretrained(text_run / "model", load_conditioner=False)
+    assert model.info.conditioning == "image" and model.info.num_views == 4
+    a, b = model.unet.state_dict(), text.unet.state_dict()
+    assert set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)  # no new weights
+    assert any(not torch.equal(a[k], b[k]) for k in a)                  # and it learned
+    assert (work / "ema-run" / "samples" / "step-0000003.png").is_file()
+
+
+def test_clip_mode_learns_and_saves_openclip_folder(work):
+    from guidance.conditioners import OpenCLIPImageConditioner, OpenCLIPTextConditioner
+
+    cfg = build_config(yaml.safe_load(recipe(work, "clip", batch_size=4, lr=2e-3).read_text()))
+    job = Finetune(cfg, work / "clip-run")
+    losses = fit_fixed_batch(job, 20)
+    assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
+    folder = job.save_model(20)
+    assert (folder / "open_clip_config.json").is_file()
+    image = OpenCLIPImageConditioner(OpenCLIPImageConditioner.Config(model=str(folder)))
+    text = OpenCLIPTextConditioner(OpenCLIPTextConditioner.Config(model=str(folder)))
+    rgb = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        from guidance.conditioners import clip_preprocess
+
+        expected = job.clip.visual(clip_preprocess(rgb, 32))
+        assert torch.allclose(image(rgb)[:, 0], expected, atol=1e-6)
+    assert text(["a red block"]).shape == (1, 77, 32)
