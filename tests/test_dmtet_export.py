@@ -1,0 +1,55 @@
+"""Analytic SDFs through DMTet and export: the mesh is close to the true surface and the
+GLB re-loads with its texture."""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from engine.export import ExportConfig, TurntableConfig, export_representation
+from representations.dmtet import DMTet
+from representations.encodings import HashGridConfig
+
+
+def box_sdf(p: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    q = p.abs() - half
+    return q.clamp_min(0).norm(dim=-1) + q.max(dim=-1).values.clamp_max(0)
+
+
+def sphere_sdf(p: torch.Tensor, radius: float) -> torch.Tensor:
+    return p.norm(dim=-1) - radius
+
+
+def dmtet_with(sdf_fn) -> DMTet:
+    cfg = DMTet.Config(resolution=32, init_shape="none",
+                       color=HashGridConfig(n_levels=2, log2_table_size=8, base_resolution=4))
+    rep = DMTet(cfg)
+    with torch.no_grad():
+        rep.sdf.copy_(sdf_fn(rep.grid_vertices))
+    return rep
+
+
+@pytest.mark.parametrize("shape", ["sphere", "box"])
+def test_analytic_sdf_to_textured_glb(shape, tmp_path):
+    half = torch.tensor([0.6, 0.45, 0.3])
+    fn = (lambda p: sphere_sdf(p, 0.6)) if shape == "sphere" else (lambda p: box_sdf(p, half))
+    rep = dmtet_with(fn)
+    cfg = ExportConfig(formats=["glb", "obj"], texture_size=128, decimate_faces=0,
+                       turntable=TurntableConfig(enabled=False))
+    paths = export_representation(rep, tmp_path, cfg)
+    mesh = trimesh.load(paths["glb"], force="mesh")
+    assert mesh.visual.material.baseColorTexture is not None
+    assert np.asarray(mesh.visual.material.baseColorTexture).shape[:2] == (128, 128)
+    # distance of exported surface samples to the true surface: |sdf|
+    pts = torch.from_numpy(trimesh.sample.sample_surface(mesh, 20000, seed=0)[0]).float()
+    err = fn(pts).abs()
+    # grid cell = 2/32 = 0.0625; measured: sphere 0.0011 mean, box 0.0030 mean (edges rounded)
+    assert err.mean() < (0.002 if shape == "sphere" else 0.005), float(err.mean())
+    assert err.max() < 0.0625
+    # the texture carries the colour field: sampled at the UVs it matches rep.albedo
+    uv = mesh.visual.uv
+    tex = np.asarray(mesh.visual.material.baseColorTexture.convert("RGB")).astype(np.float32)
+    px = np.clip((uv[:, 0] * 128).astype(int), 0, 127)
+    py = np.clip(((1 - uv[:, 1]) * 128).astype(int), 0, 127)
+    expected = rep.albedo(torch.from_numpy(np.asarray(mesh.vertices)).float()).detach().numpy()
+    assert np.abs(tex[py, px] / 255.0 - expected).mean() < 0.03
