@@ -7,7 +7,8 @@ weights). The command line prints it as one line and exits with code 2, never a 
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import sys
+from typing import Callable, Iterable, List
 
 
 class UserError(Exception):
@@ -39,3 +40,20 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     choices = [str(c) for c in choices]
     close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def run_cli(run: Callable[[List[str]], int], argv: List[str]) -> int:
+    """Run a command-line entry point: user errors and deliberate aborts become one line on
+    stderr and their exit code, never a traceback; Ctrl-C outside a trainer exits with 130."""
+    try:
+        return run(argv)
+    except UserError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
+    except RunAborted as exc:
+        print(f"aborted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted (no checkpoint written since the last one; finished work is kept)",
+              file=sys.stderr)
+        return 130

@@ -56,7 +56,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from torch import Tensor
 
-from engine.errors import ConfigError, RunAborted, UserError, did_you_mean
+from engine.errors import ConfigError, RunAborted, UserError, did_you_mean, run_cli
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes" / "finetune"
@@ -903,15 +903,7 @@ def run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(argv)
-    except UserError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return exc.exit_code
-    except RunAborted as exc:
-        print(f"aborted: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_cli(run, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -201,21 +201,9 @@ def _export(cfg, trainer, run_dir: Path, device) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from engine.errors import RunAborted, UserError
+    from engine.errors import run_cli
 
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except RunAborted as exc:
-        print(f"aborted: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted (no checkpoint written since the last one; finished work is kept)",
-              file=sys.stderr)
-        return 130
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

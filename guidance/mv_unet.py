@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from engine.errors import ConfigError

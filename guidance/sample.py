@@ -136,13 +136,9 @@ def run(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from engine.errors import UserError
+    from engine.errors import run_cli
 
-    try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
 """A NeRF fitted to posed views of a known toy object through `python -m engine.run`
 reproduces held-out views and exports a mesh close to the true one."""
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine import checkpoint, config
 from engine.config import build
