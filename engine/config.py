@@ -160,7 +160,6 @@ class RunConfig:
 
 COMPONENT_KINDS = {"representation": "representation", "guidance": "guidance",
                    "background": "background", "cameras": "cameras"}
-RECIPE_KEYS = {"extends"}  # reserved for recipe composition
 
 
 # -- reading YAML ------------------------------------------------------------------------
@@ -196,13 +195,15 @@ def available_recipes() -> Dict[str, Tuple[str, Any]]:
     return found
 
 
-def load_recipe(name_or_path: str) -> Tuple[str, dict]:
-    """Find a recipe by name (recipes/NAME.yaml, or shipped by a plugin) or by path."""
+def load_recipe(name_or_path: str) -> Tuple[str, dict, Optional[Path]]:
+    """Find a recipe by name (recipes/NAME.yaml, or shipped by a plugin) or by path.
+
+    Returns (name, raw mapping, file path or None for a recipe given as a mapping)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
             raise ConfigError(f"recipe file not found: {p}")
-        return p.stem, read_yaml(p)
+        return p.stem, read_yaml(p), p
     recipes = available_recipes()
     if name_or_path not in recipes:
         raise ConfigError(
@@ -210,13 +211,13 @@ def load_recipe(name_or_path: str) -> Tuple[str, dict]:
             f"known: {', '.join(sorted(recipes)) or 'none'} (or give a path to a YAML file)")
     origin, where = recipes[name_or_path]
     if isinstance(where, Path):
-        return name_or_path, read_yaml(where)
+        return name_or_path, read_yaml(where), where
     obj = where.load()
     if callable(obj):
         obj = obj()
     if isinstance(obj, dict):
-        return name_or_path, obj
-    return name_or_path, read_yaml(Path(str(obj)))
+        return name_or_path, obj, None
+    return name_or_path, read_yaml(Path(str(obj))), Path(str(obj))
 
 
 # -- command line items -------------------------------------------------------------------
@@ -248,6 +249,13 @@ def apply_overrides(cfg: DictConfig, overrides: List[Tuple[str, Any]]) -> None:
             raise ConfigError(f"{key}: the recipe has no stage '{parts[1]}'"
                               f"{did_you_mean(parts[1], known_stages)}; stages: "
                               f"{', '.join(known_stages) or 'none'}")
+        if (len(parts) == 4 and parts[0] == "stages" and parts[2] in COMPONENT_KINDS
+                and parts[3] == "type"):
+            current = OmegaConf.select(cfg, ".".join(parts[:3]))
+            if current is not None and current.get("type") != value:
+                OmegaConf.update(cfg, ".".join(parts[:3]), {"type": value}, merge=False,
+                                 force_add=True)   # another plugin: its old settings go
+                continue
         try:
             OmegaConf.update(cfg, key, value, merge=True, force_add=True)
         except (oc_errors.OmegaConfBaseException, ValueError) as exc:
@@ -343,32 +351,49 @@ def build(kind: str, spec: Tuple[type, Any], **kwargs) -> Any:
     return cls(cfg, **kwargs) if cfg is not None else cls(**kwargs)
 
 
-def compose(recipe: str, overrides: List[Tuple[str, Any]],
-            base: Optional[dict] = None) -> DictConfig:
-    """defaults <- recipe (or ``base``, a saved config) <- overrides, merged but not validated."""
+def compose(recipe: str, overrides: List[Tuple[str, Any]], base: Optional[dict] = None,
+            provenance: Optional[Dict[str, str]] = None) -> DictConfig:
+    """defaults <- recipe chain (extends / include; or ``base``, a saved config) <- overrides,
+    merged but not validated. ``provenance``, when given, is filled with key -> source."""
+    from engine.recipes import Source, drop_replaced_components, flatten, recipe_chain
+
     defaults = read_yaml(CONFIGS_DIR / "defaults.yaml", "defaults")
     stage_defaults = defaults.pop("stage", {})
     if base is None:
-        name, data = load_recipe(recipe)
+        name, layers = recipe_chain(recipe)
     else:
-        name, data = recipe, base
-    data = dict(data)
-    for k in RECIPE_KEYS & set(data):
-        raise ConfigError(f"{k}: recipe composition is not supported yet; inline the parent")
-    stages = data.pop("stages", None)
-    if not stages or not isinstance(stages, dict):
+        name, layers = recipe, [Source("saved config.yaml", dict(base))]
+    sources = [Source("configs/defaults.yaml", defaults)] + layers
+    merged: dict = {}
+    prov: Dict[str, str] = {}
+    for src in sources:
+        data = src.data
+        stages = data.get("stages")
+        if stages is not None and not (isinstance(stages, dict)
+                                       and all(isinstance(v, dict) for v in stages.values())):
+            raise ConfigError(f"{src.label}: stages must map stage names to settings")
+        drop_replaced_components(merged, data)
+        merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(merged),
+                                                        OmegaConf.create(data)))
+        for key in flatten(data):
+            prov[key] = src.label
+    if not merged.get("stages"):
         raise ConfigError(f"recipe '{name}' must define stages: a mapping of stage name -> "
                           "settings")
-    merged = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(data))
-    merged.recipe = name
-    merged.stages = {}
-    for sname, sdata in stages.items():
-        if not isinstance(sdata, dict):
-            raise ConfigError(f"stages.{sname}: expected a mapping, got {sdata!r}")
-        merged.stages[sname] = OmegaConf.merge(OmegaConf.create(stage_defaults),
-                                               OmegaConf.create(sdata))
-    apply_overrides(merged, overrides)
-    return merged
+    cfg = OmegaConf.create(merged)
+    cfg.recipe = name
+    prov["recipe"] = layers[-1].label
+    for sname in list(merged["stages"]):
+        cfg.stages[sname] = OmegaConf.merge(OmegaConf.create(stage_defaults), cfg.stages[sname])
+        for key in flatten(stage_defaults):
+            prov.setdefault(f"stages.{sname}.{key}", "configs/defaults.yaml (stage)")
+    apply_overrides(cfg, overrides)
+    for key, value in overrides:
+        for leaf in (flatten(value, key + ".") if isinstance(value, dict) else {key: value}):
+            prov[leaf] = "command line"
+    if provenance is not None:
+        provenance.update(prov)
+    return cfg
 
 
 def resolve(merged: DictConfig) -> Tuple[RunConfig, DictConfig]:
@@ -460,12 +485,25 @@ def check_inputs(cfg: RunConfig) -> None:
 
 def load(recipe: Optional[str], items: List[str], base: Optional[dict] = None
          ) -> Tuple[RunConfig, DictConfig]:
-    """Everything above in order: the entry point used by ``engine.run``."""
+    """Everything above in order: the entry point used by ``engine.run``. The typed config's
+    ``provenance`` maps each resolved key to the file (or "command line") that set it."""
     overrides = parse_overrides(items)
     if recipe is None and base is None:
         raise ConfigError("no recipe given: add recipe=NAME (see --list for names)")
-    merged = compose(recipe or (base or {}).get("recipe", "run"), overrides, base=base)
-    return resolve(merged)
+    provenance: Dict[str, str] = {}
+    merged = compose(recipe or (base or {}).get("recipe", "run"), overrides, base=base,
+                     provenance=provenance)
+    cfg, resolved = resolve(merged)
+    from engine.recipes import flatten
+
+    for key in flatten(OmegaConf.to_container(resolved)):
+        if key not in provenance:
+            parts = key.split(".")
+            owner = (OmegaConf.select(resolved, ".".join(parts[:3]) + ".type")
+                     if len(parts) > 3 and parts[0] == "stages" else None)
+            provenance[key] = f"default of {owner}" if owner else "schema default"
+    cfg.provenance = provenance
+    return cfg, resolved
 
 
 def to_yaml(resolved: DictConfig) -> str:

@@ -117,7 +117,13 @@ def run(argv: List[str]) -> int:
         cfg, resolved = config.load(recipe, rest)
 
     if "--dry-run" in flags:
+        from omegaconf import OmegaConf
+
+        from engine.recipes import format_sources
+
         print(config.to_yaml(resolved), end="")
+        print("\n# where each value was set:")
+        print(format_sources(cfg.provenance, OmegaConf.to_container(resolved)))
         return 0
 
     config.check_inputs(cfg)
