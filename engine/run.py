@@ -47,12 +47,12 @@ def _print_list(out=None) -> None:
     recipes = config.available_recipes()
     print("recipes:", file=out)
     for name, (origin, where) in sorted(recipes.items()):
-        desc = ""
-        if isinstance(where, Path):
-            try:
-                desc = str(config.read_yaml(where).get("description", "") or "")
-            except Exception as exc:  # listing must not die on one broken file
-                desc = f"(unreadable: {exc})"
+        try:
+            data = config.read_yaml(where) if isinstance(where, Path) else \
+                config.load_recipe(name)[1]
+            desc = str(data.get("description", "") or "")
+        except Exception as exc:  # listing must not die on one broken recipe
+            desc = f"(unreadable: {exc})"
         print(f"  {name:<24} {_short(desc)}  [{origin}]", file=out)
     for kind in registry.KINDS:
         entries = registry.REGISTRY.entries(kind)
