@@ -100,3 +100,16 @@ def test_an_extending_recipe_runs(tmp_path, rgba_image):
     assert main([f"recipe={child}", f"image={rgba_image}", f"out={out}",
                  "output.progress=false", "inputs.image_size=32"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_extending_isotropic3d_changes_two_values_with_sources(tmp_path, capsys):
+    child = write(tmp_path / "iso-short.yaml", {
+        "extends": "isotropic3d",
+        "stages": {"nerf": {"steps": 2000, "guidance": {"guidance_scale": 7.5}}}})
+    assert main([f"recipe={child}", "image=cat.png", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = {l.split("=")[0].strip("# ").strip(): l for l in out.splitlines() if l.startswith("# ")}
+    assert rows["stages.nerf.steps"].endswith(str(child)) and "= 2000" in rows["stages.nerf.steps"]
+    assert rows["stages.nerf.guidance.guidance_scale"].endswith(str(child))
+    assert rows["stages.dmtet.steps"].endswith("recipes/isotropic3d.yaml")
+    assert rows["stages.nerf.guidance.loss"].endswith("recipes/isotropic3d.yaml")
