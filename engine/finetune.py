@@ -843,17 +843,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def prepare(argv: Sequence[str]) -> Tuple[FinetuneConfig, Path, Optional[Path]]:
     """Parse the command line: (config, run folder, checkpoint to resume or None)."""
     from engine import checkpoint
-    from engine.config import read_yaml
+    from engine.config import read_yaml, split_command_items
 
-    recipe = resume = None
-    rest = []
-    for item in argv:
-        if item.startswith("recipe="):
-            recipe = item.split("=", 1)[1]
-        elif item.startswith("resume="):
-            resume = item.split("=", 1)[1]
-        else:
-            rest.append(item)
+    recipe, resume, rest = split_command_items(list(argv))
     if resume:
         run_dir, ckpt = checkpoint.find_resume_checkpoint(Path(resume))
         saved = read_yaml(run_dir / "config.yaml", "saved config")

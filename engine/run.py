@@ -92,15 +92,7 @@ def run(argv: List[str]) -> int:
         _print_list()
         return 0
 
-    recipe = resume = None
-    rest = []
-    for item in items:
-        if item.startswith("recipe="):
-            recipe = item.split("=", 1)[1]
-        elif item.startswith("resume="):
-            resume = item.split("=", 1)[1]
-        else:
-            rest.append(item)
+    recipe, resume, rest = config.split_command_items(items)
 
     resume_ckpt = None
     if resume:
