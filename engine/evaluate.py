@@ -1,10 +1,14 @@
 """``python -m engine.evaluate``: score a predicted mesh against a reference mesh.
 
     python -m engine.evaluate PRED_MESH REF_MESH [--threshold 0.05] [--no-icp] [--json OUT]
+    python -m engine.evaluate bench=toy recipe=NAME [recipe=NAME ...] [out=DIR] [objects=N]
+        [seed=S] [data=DIR] [initial_from=RECIPE] [key=value overrides for every run]
 
 Both meshes are normalised (centred, largest side 1); the prediction is aligned by a yaw
 search and ICP; Chamfer distance, volume IoU (64^3) and F-score are printed (see
-engine/metrics.py for the definitions).
+engine/metrics.py for the definitions). The second form is the held-out toy benchmark
+(engine/benchmark.py): it runs recipes over toy objects and writes tables, a chart and a
+contact sheet.
 """
 
 from __future__ import annotations
@@ -17,6 +21,11 @@ from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a.startswith("bench=") for a in argv):
+        from engine.benchmark import main as bench_main
+
+        return bench_main(argv)
     from engine.errors import UserError
     from engine.metrics import compare_files
 

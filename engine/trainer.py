@@ -360,3 +360,16 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled,
                 dynamic_ncols=True, leave=True)
+
+
+def load_finished_representation(run_dir: Path, stage: Optional[str] = None,
+                                 device: str = "cpu") -> Representation:
+    """The representation at the end of a finished stage (default: the last) of a run folder,
+    rebuilt the way the run built it (through ``create_from`` chains) from its end-of-stage
+    checkpoint. For evaluation and export of finished runs."""
+    from engine import config
+
+    cfg, resolved = config.load(None, [], base=config.read_yaml(Path(run_dir) / "config.yaml"))
+    trainer = Trainer(cfg, resolved, Path(run_dir), RunInputs(), torch.device(device))
+    rep = trainer._finished(stage or list(cfg.stages)[-1])
+    return rep.eval()

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import checkpoint, config
+from engine import config
 from engine.config import build
 from engine.metrics import compare_files
 from engine.run import main
 from engine.toy_world import generate
+from engine.trainer import load_finished_representation
 from guidance.dataset_views import heldout_psnr, load_object_views
 
 
@@ -34,12 +35,9 @@ def test_nerf_fit_reproduces_heldout_views_and_the_mesh(toy_object, tmp_path, ca
     glb = next(line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()
                if line.startswith("glb: "))
     # held-out reference views, never trained on
+    rep = load_finished_representation(out)
     cfg, _ = config.load(None, [], base=config.read_yaml(out / "config.yaml"))
-    comps = cfg.components["fit"]
-    rep, bg = build("representation", comps["representation"]), build("background",
-                                                                         comps["background"])
-    state = checkpoint.load(out / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 150))
-    checkpoint.restore(*state, modules={"representation": rep, "background": bg}, optimizer=None)
+    bg = build("background", cfg.components["fit"]["background"])
     views = load_object_views(toy_object)
     scores = heldout_psnr(rep, bg, views, 32)
     assert len(scores) == 3 and min(scores) > 25.0, scores   # front view + 2 random

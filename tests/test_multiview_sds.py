@@ -203,6 +203,13 @@ def test_isotropic3d_recipe_runs_end_to_end_with_a_tiny_model(image_model_dir, r
                                                          ("dmtet", 0), ("dmtet", 1)]
     assert all(r["loss/sds"] > 0 for r in records)
     assert "glb: " in capsys.readouterr().out
+    # the finished two-stage run rebuilds (dmtet created from the nerf) for evaluation
+    from engine.trainer import load_finished_representation
+
+    rep = load_finished_representation(out)
+    assert rep.registry_name == "dmtet"
+    verts, faces = rep.surface(8)
+    assert len(faces) > 0 and torch.isfinite(verts).all()
 
 
 def test_isotropic3d_without_weights_stops_at_once(rgba_image, tmp_path, capsys):
