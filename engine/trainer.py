@@ -89,6 +89,7 @@ class Trainer:
         self.render_dir = run_dir / "renders"
         self._guidance_cache: Tuple[Any, Optional[torch.nn.Module]] = (None, None)
         self.finished: Dict[str, Representation] = {}
+        self.finished_backgrounds: Dict[str, torch.nn.Module] = {}
         self.last_parts: Optional[StageParts] = None
         self.stop = _StopFlag()
 
@@ -128,6 +129,7 @@ class Trainer:
             ckpt.restore(*ckpt.load(path), modules={"representation": rep,
                                                     "background": background}, optimizer=None)
             self.finished[sname] = rep
+            self.finished_backgrounds[sname] = background
         return self.finished[sname]
 
     def _parts(self, sname: str) -> StageParts:
@@ -274,9 +276,7 @@ class Trainer:
 
     def _parts_for_finished(self, sname: str) -> StageParts:
         rep = self._finished(sname)
-        background = build("background", self._components(sname)["background"],
-                           device=self.device).to(self.device)
-        return StageParts(rep, background, None, None, None, [])
+        return StageParts(rep, self.finished_backgrounds[sname], None, None, None, [])
 
     def _run_stage(self, si: int, sname: str, log: MetricsLog, global_step: int,
                    start_step: int, resume_state) -> Representation:
