@@ -1,0 +1,114 @@
+"""``python -m engine.toy_models``: re-create the toy models from scratch, seeded.
+
+    python -m engine.toy_models [out=models/toy] [data=data/toy] [count=200] [heldout=20]
+        [seed=0] [steps_scale=1.0] [device=auto] [threads=0]
+
+The chain (../shared/DESIGN.md section 5), each step through the same commands a user runs:
+
+1. the toy world (``engine.toy_world``) into ``data`` unless it is already there;
+2. ``recipes/finetune/toy-clip``: a tiny OpenCLIP trained contrastively on renders + captions;
+3. ``toy-text``: a pixel-space text-to-multi-view model trained from scratch (MVDream analogue);
+4. ``toy-image``: Isotropic3D stage 1 (the CLIP image embedding replaces the text);
+5. ``toy-ema``: Isotropic3D stage 2 (explicit multi-view attention with the clean reference).
+
+Finished steps are skipped when the command is run again (their ``model/`` exists), so an
+interrupted chain continues. The models end up in ``out``: ``clip/``, ``text/``,
+``stage1/`` and ``stage2/``; ``steps_scale`` shortens every training (tests use it).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+STAGES = (("clip", "toy-clip"), ("text", "toy-text"), ("stage1", "toy-image"),
+          ("stage2", "toy-ema"))
+DEFAULTS = dict(out="models/toy", data="data/toy", count=200, heldout=20, seed=0,
+                steps_scale=1.0, device="auto", threads=0)
+
+
+def parse(argv: List[str]) -> dict:
+    from engine.errors import ConfigError, did_you_mean
+
+    args = dict(DEFAULTS)
+    for item in argv:
+        if "=" not in item:
+            raise ConfigError(f"'{item}' is not key=value; keys: {', '.join(DEFAULTS)}")
+        key, value = item.split("=", 1)
+        if key not in DEFAULTS:
+            raise ConfigError(f"unknown key '{key}'{did_you_mean(key, DEFAULTS)}; keys: "
+                              f"{', '.join(DEFAULTS)}")
+        kind = type(DEFAULTS[key])
+        try:
+            args[key] = kind(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {kind.__name__}, got '{value}'") from None
+    if args["count"] < 2 or not 1 <= args["heldout"] < args["count"]:
+        raise ConfigError("count must be >= 2 and 1 <= heldout < count")
+    if args["steps_scale"] <= 0:
+        raise ConfigError("steps_scale must be > 0")
+    return args
+
+
+def _steps(recipe: str, scale: float) -> int:
+    from engine.config import RECIPES_DIR, read_yaml
+
+    return max(2, math.ceil(read_yaml(RECIPES_DIR / "finetune" / f"{recipe}.yaml")["steps"]
+                            * scale))
+
+
+def run(argv: List[str]) -> int:
+    from engine import finetune, toy_world
+    from engine.errors import RunAborted
+
+    args = parse(argv)
+    out, data = Path(args["out"]), Path(args["data"])
+    if not (data / "dataset.json").is_file():
+        toy_world.generate(data, count=args["count"], heldout=args["heldout"],
+                           seed=args["seed"], size=64)
+    runs = out / "runs"
+    models = {}
+    for name, recipe in STAGES:
+        model = runs / name / "model"
+        models[name] = model
+        if model.is_dir() and any(model.iterdir()):
+            print(f"{name}: already trained ({model})")
+            continue
+        items = [f"recipe={recipe}", f"data.root={data}", f"out={runs / name}",
+                 f"seed={args['seed'] + len(models)}", f"steps={_steps(recipe, args['steps_scale'])}",
+                 f"device={args['device']}"]
+        if args["threads"]:
+            items.append(f"cpu_threads={args['threads']}")
+        if name == "text":
+            items.append(f"model.conditioner.model={models['clip']}")
+        elif name == "stage1":
+            items += [f"model.init={models['text']}", f"model.conditioner.model={models['clip']}"]
+        elif name == "stage2":
+            items.append(f"model.init={models['stage1']}")
+        if (runs / name).exists():          # a half-finished run: continue it
+            items = [f"resume={runs / name}"]
+        code = finetune.main(items)
+        if code != 0:
+            raise RunAborted(f"training {name} ({recipe}) exited with {code}; run "
+                             "python -m engine.toy_models again to continue")
+    for name, model in models.items():
+        target = out / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(model, target)
+        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+        print(f"{name}: {target} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from engine.errors import run_cli
+
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
