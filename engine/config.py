@@ -476,7 +476,12 @@ def _check_lr_groups(sname: str, stage: StageConfig, comps: Dict[str, Tuple[type
         if names is None:
             return  # undeclared: the trainer checks when it builds the optimiser
         groups += list(names)
-    lr = stage.optimizer.lr
+    check_lr_groups(sname, stage.optimizer.lr, groups)
+
+
+def check_lr_groups(sname: str, lr: Any, groups: List[str]) -> None:
+    """Every learning rate names an existing parameter group (or 'default') and every group
+    has a rate. Used at load time with declared names and by the trainer with real ones."""
     for name in lr:
         if name != "default" and name not in groups:
             raise ConfigError(f"stages.{sname}.optimizer.lr.{name}: no parameter group of that "

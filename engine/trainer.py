@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from engine import checkpoint as ckpt
 from engine.cameras import orbit
-from engine.config import RunConfig, StageConfig, build
+from engine.config import RunConfig, StageConfig, build, check_lr_groups
 from engine.errors import ConfigError, RunAborted
 from engine.outputs import MetricsLog, save_grid
 from engine.plugin import Representation, RunInputs, StepInfo
@@ -146,14 +146,7 @@ class Trainer:
                                   "representation and the background")
             groups[gname] = params
         lr = stage.optimizer.lr_schedules
-        unknown = [k for k in lr if k != "default" and k not in groups]
-        if unknown:
-            raise ConfigError(f"stages.{sname}.optimizer.lr.{unknown[0]}: no parameter group of "
-                              f"that name; groups: {', '.join(groups)} (or 'default')")
-        missing = [g for g in groups if g not in lr and "default" not in lr]
-        if missing:
-            raise ConfigError(f"stages.{sname}.optimizer.lr: no learning rate for group "
-                              f"'{missing[0]}'; set it or a 'default'")
+        check_lr_groups(sname, lr, list(groups))
         names = list(groups)
         param_groups = [{"params": groups[g], "lr": lr.get(g, lr.get("default"))(0), "name": g}
                         for g in names]
