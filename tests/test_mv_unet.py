@@ -90,3 +90,31 @@ def test_sd21_base_configuration_matches_mvdream():
     assert kw["flip_sin_to_cos"] and kw["freq_shift"] == 0 and kw["use_linear_projection"]
     assert kw["class_embed_type"] == "projection"
     assert kw["projection_class_embeddings_input_dim"] == 16
+
+
+def test_attention_levels_choose_where_views_attend():
+    default = tiny_cfg(block_out_channels=[16, 32, 32], attention_head_dim=[2, 4, 4])
+    assert default.diffusers_kwargs()["down_block_types"] == (
+        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    coarse = tiny_cfg(block_out_channels=[16, 32, 32], attention_head_dim=[2, 4, 4],
+                      attention_levels=[False, True, False])
+    kw = coarse.diffusers_kwargs()
+    assert kw["down_block_types"] == ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert kw["up_block_types"] == ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    # the coarse-only network still mixes the views: changing one view moves the others
+    torch.manual_seed(0)
+    net = build_unet(coarse).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    x, t, ctx, cam = inputs(4)
+    with torch.no_grad():
+        a = unet_forward(net, x, t, ctx, cam, num_views=4)
+        x2 = x.clone()
+        x2[3] += 1.0
+        b = unet_forward(net, x2, t, ctx, cam, num_views=4)
+    assert (a[0] - b[0]).abs().max() > 1e-4
+    with pytest.raises(Exception, match="attention_levels"):
+        tiny_cfg(attention_levels=[True])
+    with pytest.raises(Exception, match="at least one level"):
+        tiny_cfg(attention_levels=[False, False])
