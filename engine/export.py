@@ -27,7 +27,7 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from engine.cameras import orbit
-from engine.errors import ConfigError
+from engine.errors import ConfigError, RunAborted
 from engine.plugin import StepInfo
 
 MESH_FORMATS = ("glb", "obj")
@@ -220,8 +220,11 @@ def export_representation(rep, out_dir, cfg: ExportConfig,
             remove_floaters=cfg.remove_floaters, floater_diameter=cfg.floater_diameter,
             decimate_faces=cfg.decimate_faces))
         if faces.shape[0] == 0:
-            raise ValueError(f"{type(rep).__name__}.surface() gave no triangles to export "
-                             "(is the object empty at this threshold?)")
+            # the trained stages are checkpointed already: say so, and which knob to turn
+            raise RunAborted(f"{type(rep).__name__}.surface() gave no triangles to export: the "
+                             "object is empty at the representation's surface threshold; lower "
+                             "it (isosurface_threshold / init_threshold) or train longer, then "
+                             "re-export with python -m engine.run resume=RUN_DIR")
         vmap, faces_uv, uvs = uv_atlas(verts, faces, cfg.texture_size,
                                        padding=max(1, cfg.texture_padding // 2))
         atlas_verts = verts[vmap]

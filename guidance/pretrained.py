@@ -2,7 +2,9 @@
 
 ``load_multiview_model(name_or_path)`` accepts
 
-* a converted folder (``engine_model.json`` inside) -> loaded as is;
+* a converted folder (``engine_model.json`` inside) -> loaded as is; a relative path that
+  is not under the working directory is looked up in the project too, so the shipped toy
+  models (``models/toy/stage2``) are found from anywhere;
 * a raw ``.pt`` / ``.ckpt`` / ``.safetensors`` checkpoint in LDM naming -> converted once
   into ``<stem>.engine/`` next to it (or, when that folder is not writable, under
   ``~/.cache/distill-engine/converted/``), then loaded; the cache is redone when the source
@@ -28,6 +30,9 @@ from typing import Optional, Tuple
 import torch
 
 from engine.errors import UserError
+
+#: the checkout the package runs from (recipes/ and models/ live there)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_KEY = "stages.<stage>.guidance.model"
 CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".pth", ".safetensors", ".bin")
@@ -154,6 +159,8 @@ def _resolve(name_or_path: str, key: str, fetch: bool) -> Tuple[Path, str, Optio
     otherwise only look in the local Hugging Face cache (and ask the hub whether it exists)."""
     name = str(name_or_path)
     path = Path(name).expanduser()
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        path = PROJECT_ROOT / path
     if path.is_dir():
         return path, "folder", None
     if path.is_file():
