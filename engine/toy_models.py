@@ -18,6 +18,7 @@ interrupted chain continues. The models end up in ``out``: ``clip/``, ``text/``,
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -62,6 +63,7 @@ def _steps(recipe: str, scale: float) -> int:
 
 def run(argv: List[str]) -> int:
     from engine import finetune, toy_world
+    from engine.checkpoint import atomic_write_text
     from engine.errors import RunAborted
 
     args = parse(argv)
@@ -94,14 +96,33 @@ def run(argv: List[str]) -> int:
         if code != 0:
             raise RunAborted(f"training {name} ({recipe}) exited with {code}; run "
                              "python -m engine.toy_models again to continue")
+    manifest = {"command": "python -m engine.toy_models " + " ".join(
+        f"{k}={v}" for k, v in args.items() if v != DEFAULTS[k] and k not in ("out", "data", "device", "threads")),
+        "settings": args, "models": {}}
     for name, model in models.items():
         target = out / name
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(model, target)
         size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+        manifest["models"][name] = {"recipe": dict(STAGES)[name], "mib": round(size / 2**20, 2),
+                                    **_training_summary(runs / name)}
         print(f"{name}: {target} ({size / 2**20:.1f} MiB)")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return 0
+
+
+def _training_summary(run_dir: Path) -> dict:
+    """Steps, wall time and the last logged loss of a finished training."""
+    rows = []
+    log = run_dir / "metrics.jsonl"
+    if log.is_file():
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not rows:
+        return {}
+    last = rows[-1]
+    return {"steps": last.get("step"), "seconds": round(float(last.get("elapsed_s", 0.0)), 1),
+            "final_loss": last.get("loss")}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

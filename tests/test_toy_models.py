@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine.toy_models import main
@@ -41,3 +42,13 @@ def test_rerun_skips_finished_trainings(chain, capsys):
 def test_bad_keys_are_user_errors(capsys):
     assert main(["steps_scal=2"]) == 2
     assert "did you mean 'steps_scale'" in capsys.readouterr().err
+
+
+def test_manifest_records_command_and_trainings(chain):
+    import json
+
+    record = json.loads((chain / "models" / "manifest.json").read_text())
+    assert record["command"] == "python -m engine.toy_models count=6 heldout=1 steps_scale=0.001"
+    assert set(record["models"]) == {"clip", "text", "stage1", "stage2"}
+    for name, info in record["models"].items():
+        assert info["steps"] >= 2 and info["mib"] > 0 and np.isfinite(info["final_loss"]), name
