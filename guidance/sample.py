@@ -2,6 +2,7 @@
 
     python -m guidance.sample image=cat.png out=cat-views.png [model=PATH] [steps=50]
         [scale=10] [elevation=15] [azimuth=0] [views=4] [seed=0] [eta=0] [device=auto]
+        [image_size=256] [object_fraction=0.85]
     python -m guidance.sample prompt="a red chair" out=chair.png model=PATH   # text models
 
 The quick 2D preview before a long 3D run: if these views are wrong, the 3D result will be.
@@ -36,6 +37,7 @@ class SampleArgs:
     eta: float = 0.0
     device: str = "auto"
     image_size: int = 256
+    object_fraction: float = 0.85     # as inputs.object_fraction of a run: match the recipe's
 
 
 def parse_args(argv: List[str]) -> SampleArgs:
@@ -59,6 +61,8 @@ def parse_args(argv: List[str]) -> SampleArgs:
     args = validate(SampleArgs, typed)
     if args.steps < 1 or args.views < 1:
         raise ConfigError("steps and views must be >= 1")
+    if not 0.1 <= args.object_fraction <= 1.0:
+        raise ConfigError(f"object_fraction: must be in [0.1, 1], got {args.object_fraction}")
     return args
 
 
@@ -112,7 +116,8 @@ def run(argv: List[str]) -> int:
     args = parse_args(argv)
     device = _resolve_device(args.device)
     model = load_multiview_model(args.model, device=device)
-    image = load_reference_image(args.image, args.image_size) if args.image else None
+    image = (load_reference_image(args.image, args.image_size, args.object_fraction)
+             if args.image else None)
     guidance = MultiViewSDS(MultiViewSDS.Config(model=args.model, keep_conditioner=True),
                             device=device, inputs=RunInputs(image=image, prompt=args.prompt),
                             model=model)

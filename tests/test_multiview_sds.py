@@ -174,6 +174,8 @@ def test_sample_cli_writes_a_grid_of_views(image_model_dir, rgba_image, tmp_path
     assert grid.size == (5 * 16, 16)                    # the input, then 4 views of 16 px
     assert sample_main([f"out={out}"]) == 2
     assert "image=PATH or prompt=TEXT" in capsys.readouterr().err
+    assert sample_main([f"image={rgba_image}", f"out={out}", "object_fraction=1.5"]) == 2
+    assert "object_fraction: must be in [0.1, 1]" in capsys.readouterr().err
 
 
 def tiny_isotropic3d_args(model: Path, image: Path, out: Path) -> list:

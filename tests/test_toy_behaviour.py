@@ -56,7 +56,7 @@ def samples(tmp_path_factory):
         grid = out / f"{name}.png"
         assert main([f"image={EXAMPLES / name}.png", f"out={grid}",
                      f"model={MODELS / 'stage2'}", "steps=20", "scale=5", "seed=0",
-                     "device=cpu", f"elevation={ELEVATION}"]) == 0
+                     "device=cpu", f"elevation={ELEVATION}", "object_fraction=0.7"]) == 0
         tiles = np.asarray(Image.open(grid).convert("RGB"))
         size = tiles.shape[0]
         views[name] = np.stack([tiles[:, (k + 1) * size:(k + 2) * size] for k in range(4)])
