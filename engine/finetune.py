@@ -108,6 +108,9 @@ class ModelConfig:
     unet: Dict[str, Any] = field(default_factory=dict)    # guidance.mv_unet.MultiViewUNetConfig
     vae: Optional[Dict[str, Any]] = None  # init random, latent: AutoencoderKL kwargs
     conditioner: Optional[ConditionerConfig] = None  # null: the one saved with model.init
+    # init random: what the UNet predicts, epsilon (MVDream) | v_prediction (small pixel models
+    # learn clean samples sooner); a loaded model keeps its own
+    prediction_type: str = "epsilon"
     clip: Dict[str, Any] = field(default_factory=dict)  # clip, init random: OpenCLIP model_cfg
                                                         # ({}: guidance.conditioners' tiny one)
 
@@ -117,6 +120,9 @@ class ModelConfig:
                               f"{did_you_mean(self.space, ('pixel', 'latent'))}")
         if not self.init:
             raise ConfigError("init: 'random' or the path of a saved model")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"prediction_type: '{self.prediction_type}' is not epsilon or "
+                              "v_prediction")
 
 
 @dataclass
@@ -333,7 +339,8 @@ class DiffusionBatch:
     t: Tensor            # [B*G] long (the reference's: 0)
     context: Tensor      # [B*G, L, D]
     camera: Tensor       # [B*G, 16]
-    noise: Tensor        # [B*V, C, h, w] the targets of the V noisy views
+    noise: Tensor        # [B*V, C, h, w] the noise added to the V noisy views
+    target: Tensor       # [B*V, C, h, w] what the UNet should output there (noise, or v)
     dropped: Tensor      # [B] bool: which objects got the unconditional context
     num_views: int       # V
     group: int           # G = V (text, image) or V + 1 (ema)
@@ -341,8 +348,8 @@ class DiffusionBatch:
 
 def make_diffusion_batch(x0: Tensor, context: Tensor, uncond: Tensor, camera: Tensor,
                          alphas_cumprod: Tensor, generator: torch.Generator,
-                         cfg_dropout: float, reference: Optional[Tuple[Tensor, Tensor]] = None
-                         ) -> DiffusionBatch:
+                         cfg_dropout: float, reference: Optional[Tuple[Tensor, Tensor]] = None,
+                         prediction_type: str = "epsilon") -> DiffusionBatch:
     """Noise a batch of multi-view objects.
 
     Args:
@@ -352,10 +359,11 @@ def make_diffusion_batch(x0: Tensor, context: Tensor, uncond: Tensor, camera: Te
         u [B] ~ U[0, 1) (dropped where u < cfg_dropout).
         reference: (ref_x0 [B, C, h, w], ref_camera [B, 16]) for ema: appended as the last
         view of each group, clean, timestep 0, same context.
+        prediction_type: epsilon (target = noise) or v_prediction (target = v).
     Returns:
         :class:`DiffusionBatch`. Differentiable with respect to x0, context and camera.
     """
-    from guidance.model import add_noise
+    from guidance.model import add_noise, v_target
 
     B, V = x0.shape[:2]
     dev = x0.device
@@ -363,8 +371,11 @@ def make_diffusion_batch(x0: Tensor, context: Tensor, uncond: Tensor, camera: Te
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(dev, x0.dtype)
     dropped = torch.rand(B, generator=generator) < cfg_dropout
     ctx = drop_context(context, uncond, dropped)
-    x_t = add_noise(x0.flatten(0, 1), noise.flatten(0, 1), t.repeat_interleave(V),
-                    alphas_cumprod).view(x0.shape)
+    t_views = t.repeat_interleave(V)
+    x_t = add_noise(x0.flatten(0, 1), noise.flatten(0, 1), t_views, alphas_cumprod).view(x0.shape)
+    target = noise.flatten(0, 1)
+    if prediction_type == "v_prediction":
+        target = v_target(x0.flatten(0, 1), target, t_views, alphas_cumprod).to(x0.dtype)
     t_all = t[:, None].expand(B, V)
     cam = camera
     G = V
@@ -376,14 +387,16 @@ def make_diffusion_batch(x0: Tensor, context: Tensor, uncond: Tensor, camera: Te
         G = V + 1
     return DiffusionBatch(
         x_t=x_t.flatten(0, 1), t=t_all.reshape(-1), camera=cam.flatten(0, 1),
-        context=ctx.repeat_interleave(G, dim=0), noise=noise.flatten(0, 1), dropped=dropped,
+        context=ctx.repeat_interleave(G, dim=0), noise=noise.flatten(0, 1), target=target,
+        dropped=dropped,
         num_views=V, group=G)
 
 
 def diffusion_loss(eps: Tensor, noise: Tensor, num_views: int, group: int) -> Tensor:
-    """Epsilon MSE over the noisy views only: eps [B*G, C, h, w] (group-contiguous, the noisy
-    views first), noise [B*V, C, h, w] -> scalar (float32). Views G > V (the ema reference)
-    are excluded. Differentiable with respect to ``eps``."""
+    """MSE over the noisy views only: eps [B*G, C, h, w] (the UNet's output, group-contiguous,
+    the noisy views first), noise [B*V, C, h, w] (its target: the noise, or v) -> scalar
+    (float32). Views G > V (the ema reference) are excluded. Differentiable with respect to
+    ``eps``."""
     B = eps.shape[0] // group
     pred = eps.view(B, group, *eps.shape[1:])[:, :num_views].float()
     return F.mse_loss(pred, noise.view(B, num_views, *noise.shape[1:]).float())
@@ -456,7 +469,8 @@ def build_diffusion_model(cfg: FinetuneConfig):
         _check_dims(cond, unet_cfg.cross_attention_dim, "model.unet.cross_attention_dim")
         return MultiViewDiffusionModel.build_random(
             unet_cfg, m.space, conditioner=cond, vae_config=m.vae, trainable=True,
-            seed=mix_seed(cfg.seed, 3), num_views=V, conditioning=need)
+            seed=mix_seed(cfg.seed, 3), num_views=V, conditioning=need,
+            prediction_type=m.prediction_type)
     index = read_index(Path(m.init))
     saved = (index.get("components") or {}).get("conditioner")
     saved_kind = index["info"].get("conditioning")
@@ -664,9 +678,10 @@ class Finetune:
             reference = (ref_x0, ref_cam)
         db = make_diffusion_batch(x0, context.float(), self._uncond.float(),
                                   camera.view(B, V, 16), self.model.alphas_cumprod, generator,
-                                  self.cfg.cfg_dropout, reference)
-        eps = unet_forward(self.net, db.x_t, db.t, db.context, db.camera, db.group)
-        loss = diffusion_loss(eps, db.noise, db.num_views, db.group)
+                                  self.cfg.cfg_dropout, reference,
+                                  self.model.info.prediction_type)
+        out = unet_forward(self.net, db.x_t, db.t, db.context, db.camera, db.group)
+        loss = diffusion_loss(out, db.target, db.num_views, db.group)
         return loss, {"dropped": float(db.dropped.float().mean())}
 
     def _clip_loss(self, batch: dict, generator: torch.Generator) -> Tuple[Tensor, dict]:

@@ -39,6 +39,10 @@ LATENT_SCALE = 0.18215
 SPACES = ("latent", "pixel")
 CONVENTIONS = ("mvdream", "isotropic3d-release")
 CONDITIONINGS = ("image", "text")
+#: what the UNet outputs: MVDream / Isotropic3D predict epsilon; v (Salimans & Ho 2022) suits
+#: small pixel-space models trained from scratch: at high noise it is nearly -x0, so samples
+#: from pure noise come out clean where an undertrained epsilon model leaves them grainy
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: the scaled-linear DDPM schedule of Stable Diffusion / MVDream
 SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -70,7 +74,7 @@ class ModelInfo:
         for name, value, options in (("space", self.space, SPACES),
                                      ("camera_convention", self.camera_convention, CONVENTIONS),
                                      ("conditioning", self.conditioning, CONDITIONINGS),
-                                     ("prediction_type", self.prediction_type, ("epsilon",))):
+                                     ("prediction_type", self.prediction_type, PREDICTION_TYPES)):
             if value not in options:
                 raise ConfigError(f"{name}: '{value}' is not one of {', '.join(options)}")
 
@@ -108,6 +112,19 @@ def add_noise(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> T
     return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
 
 
+def v_target(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """v = sqrt(a_t) noise - sqrt(1 - a_t) x0, the v-prediction target (float32).
+    Differentiable with respect to x0 and noise."""
+    a = _gather(alphas_cumprod.float(), t, x0)
+    return a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()
+
+
+def eps_from_v(x_t: Tensor, t: Tensor, v: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """epsilon = sqrt(a_t) v + sqrt(1 - a_t) x_t. Differentiable with respect to x_t, v."""
+    a = _gather(alphas_cumprod.float(), t, x_t)
+    return (a.sqrt() * v.float() + (1 - a).sqrt() * x_t.float()).to(v.dtype)
+
+
 def predict_x0(x_t: Tensor, t: Tensor, eps: Tensor, alphas_cumprod: Tensor) -> Tensor:
     """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t). Differentiable with respect to x_t, eps."""
     a = _gather(alphas_cumprod.float(), t, x_t)
@@ -138,6 +155,7 @@ class MultiViewDiffusionModel(nn.Module):
         scheduler_config = dict(scheduler.config)
         self.scheduler_config = {k: v for k, v in scheduler_config.items()
                                  if not k.startswith("_")}
+        self.scheduler_config["prediction_type"] = info.prediction_type
         alphas = scheduler.alphas_cumprod.detach().float().clone()
         self._alphas_cpu = alphas
         self.register_buffer("alphas_cumprod", alphas.clone(), persistent=False)
@@ -251,16 +269,19 @@ class MultiViewDiffusionModel(nn.Module):
 
     def predict_noise(self, x_t: Tensor, t: Tensor, context: Tensor, camera: Tensor,
                       num_views: int) -> Tensor:
-        """The UNet's epsilon for a view-contiguous batch.
+        """Epsilon for a view-contiguous batch, whatever the UNet predicts (a v output is
+        converted), so SDS and samplers need not know the parametrisation.
 
         x_t [B*V, C, h, w], t [B*V], context [B*V, L, D], camera [B*V, 16], num_views V.
         Runs in the model's dtype; returns x_t's dtype. Differentiable with respect to x_t,
         context and camera (and the UNet weights when trainable).
         """
         dtype = self.dtype
-        eps = unet_forward(self.unet, x_t.to(dtype), t.to(x_t.device), context.to(dtype),
+        out = unet_forward(self.unet, x_t.to(dtype), t.to(x_t.device), context.to(dtype),
                            camera.to(dtype), num_views)
-        return eps.to(x_t.dtype)
+        if self.info.prediction_type == "v_prediction":
+            out = eps_from_v(x_t, t, out, self.alphas_cumprod)
+        return out.to(x_t.dtype)
 
     # -- conditioning ------------------------------------------------------------------
     def _need_conditioner(self, kind: str) -> nn.Module:

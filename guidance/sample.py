@@ -68,18 +68,23 @@ def parse_args(argv: List[str]) -> SampleArgs:
 
 @torch.no_grad()
 def sample_views(model, context_cond, context_uncond, cameras16, num_views: int, steps: int,
-                 scale: float, eta: float, generator: torch.Generator):
+                 scale: float, eta: float, generator: torch.Generator,
+                 clip_sample: Optional[bool] = None):
     """DDIM sampling of one object's ``num_views`` views.
 
     Args:
-        context_cond / context_uncond: [1, L, D]; cameras16: [V, 16].
+        context_cond / context_uncond: [1, L, D]; cameras16: [V, 16]. clip_sample: clamp
+        each step's predicted x0 to [-1, 1]; default: for pixel-space models, whose x0 is
+        the image itself (a latent has no such range).
     Returns:
         images [V, 3, S, S] in [0, 1].
     """
     from diffusers import DDIMScheduler
 
+    if clip_sample is None:
+        clip_sample = model.info.space == "pixel"
     sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                          beta_schedule="scaled_linear", clip_sample=False,
+                          beta_schedule="scaled_linear", clip_sample=bool(clip_sample),
                           set_alpha_to_one=False, steps_offset=1)
     sched.set_timesteps(steps)
     device = cameras16.device
