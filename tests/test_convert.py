@@ -447,3 +447,28 @@ def test_unavailable_models_give_one_line_instructions(offline, tmp_path):
     empty.mkdir()
     with pytest.raises(UserError, match="engine_model.json missing"):
         pretrained.check_available(str(empty))
+
+
+def test_relative_paths_fall_back_to_the_project(tmp_path, monkeypatch):
+    """Recipes name shipped models relative to the checkout (models/toy/stage2); they load from
+    any working directory, and a same-named folder under the working directory wins."""
+    from dataclasses import replace
+
+    from guidance.model import MultiViewDiffusionModel
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    cfg = replace(tiny_unet_cfg(), in_channels=3, out_channels=3)
+    MultiViewDiffusionModel.build_random(cfg, "pixel", seed=0).save_pretrained(
+        project / "models" / "m")
+    elsewhere.mkdir()
+    monkeypatch.setattr(pretrained, "PROJECT_ROOT", project)
+    monkeypatch.chdir(elsewhere)
+    pretrained.check_available("models/m")
+    assert pretrained.load_multiview_model("models/m").info.camera_convention == "mvdream"
+    with pytest.raises(UserError, match="not found"):
+        pretrained.check_available("models/absent/x")
+    MultiViewDiffusionModel.build_random(cfg, "pixel", seed=0,
+                                         camera_convention="isotropic3d-release"
+                                         ).save_pretrained(elsewhere / "models" / "m")
+    assert pretrained.load_multiview_model("models/m").info.camera_convention == \
+        "isotropic3d-release"
