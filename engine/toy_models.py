@@ -96,9 +96,11 @@ def run(argv: List[str]) -> int:
         if code != 0:
             raise RunAborted(f"training {name} ({recipe}) exited with {code}; run "
                              "python -m engine.toy_models again to continue")
-    manifest = {"command": "python -m engine.toy_models " + " ".join(
-        f"{k}={v}" for k, v in args.items() if v != DEFAULTS[k] and k not in ("out", "data", "device", "threads")),
-        "settings": args, "models": {}}
+    # the settings that shape the models (not where they go, nor how fast they are made)
+    shaping = [f"{k}={v}" for k, v in args.items()
+               if v != DEFAULTS[k] and k not in ("out", "data", "device", "threads")]
+    manifest = {"command": " ".join(["python -m engine.toy_models", *shaping]),
+                "settings": args, "models": {}}
     for name, model in models.items():
         target = out / name
         if target.exists():
