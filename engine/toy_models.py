@@ -13,7 +13,9 @@ The chain (../shared/DESIGN.md section 5), each step through the same commands a
 
 Finished steps are skipped when the command is run again (their ``model/`` exists), so an
 interrupted chain continues. The models end up in ``out``: ``clip/``, ``text/``,
-``stage1/`` and ``stage2/``; ``steps_scale`` shortens every training (tests use it).
+``stage1/`` and ``stage2/``, with ``manifest.json`` (the command, the settings, and each
+training's steps, wall time and final loss); ``steps_scale`` scales every training (tests
+shorten it; a longer one makes better models).
 """
 
 from __future__ import annotations
