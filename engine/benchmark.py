@@ -31,12 +31,14 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from engine.toy_models import DATA_SIZE, DEFAULTS as TOY_MODELS_DEFAULTS
+
 INITIAL = "initial"
 BENCH_KEYS = ("bench", "recipe", "out", "objects", "seed", "data", "initial_from", "samples")
 # the fixed dataset: the one the shipped toy models were trained on (python -m
 # engine.toy_models defaults), so its held-out split is unseen by them; object i is the same
 # whatever the count, but the split is not, so a smaller dataset would leak training objects
-DATA_COUNT, DATA_HELDOUT, DATA_SIZE = 200, 20, 64
+DATA_COUNT, DATA_HELDOUT = TOY_MODELS_DEFAULTS["count"], TOY_MODELS_DEFAULTS["heldout"]
 METRICS = ("chamfer", "volume_iou", "f_score", "psnr", "ssim", "seconds")
 # runs inside the benchmark: no per-run bars (the benchmark has its own) and no turntable
 RUN_DEFAULTS = ("output.progress=false",)

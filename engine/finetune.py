@@ -56,9 +56,9 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from torch import Tensor
 
+from engine.config import PROJECT_ROOT
 from engine.errors import ConfigError, RunAborted, UserError, did_you_mean, run_cli
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes" / "finetune"
 MODES = ("text", "image", "ema", "clip")
 MIXED_PRECISION = ("no", "fp16", "bf16")

@@ -31,6 +31,8 @@ STAGES = (("clip", "toy-clip"), ("text", "toy-text"), ("stage1", "toy-image"),
           ("stage2", "toy-ema"))
 DEFAULTS = dict(out="models/toy", data="data/toy", count=200, heldout=20, seed=0,
                 steps_scale=1.0, device="auto", threads=0)
+#: side of the toy world's renders the models train on
+DATA_SIZE = 64
 
 
 def parse(argv: List[str]) -> dict:
@@ -72,7 +74,7 @@ def run(argv: List[str]) -> int:
     out, data = Path(args["out"]), Path(args["data"])
     if not (data / "dataset.json").is_file():
         toy_world.generate(data, count=args["count"], heldout=args["heldout"],
-                           seed=args["seed"], size=64)
+                           seed=args["seed"], size=DATA_SIZE)
     runs = out / "runs"
     models = {}
     for name, recipe in STAGES:

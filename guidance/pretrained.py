@@ -29,10 +29,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from engine.config import PROJECT_ROOT
 from engine.errors import UserError
-
-#: the checkout the package runs from (recipes/ and models/ live there)
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_KEY = "stages.<stage>.guidance.model"
 CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".pth", ".safetensors", ".bin")
