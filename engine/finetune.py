@@ -43,7 +43,9 @@ exits with 130; a non-finite loss aborts with exit code 3.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,6 +64,7 @@ from engine.errors import ConfigError, RunAborted, UserError, did_you_mean, run_
 RECIPES_DIR = PROJECT_ROOT / "recipes" / "finetune"
 MODES = ("text", "image", "ema", "clip")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
 NUM_TRAIN_TIMESTEPS = 1000
 
 USAGE = """\
@@ -135,7 +138,12 @@ class FinetuneConfig:
     steps: int = 1000
     batch_size: int = 4                  # objects per step and process
     lr: float = 1e-4
-    warmup: int = 0                      # linear warm-up steps, then constant
+    warmup: int = 0                      # linear warm-up steps, then lr_schedule
+    lr_schedule: str = "constant"        # constant | cosine (half cosine to 0 at the last step)
+    # exponential moving average of the weights, saved as the model and sampled from (0: off;
+    # 0.999 averages ~ the last 1000 steps). Not to be confused with mode ema, which is
+    # Isotropic3D's explicit multi-view attention.
+    average_decay: float = 0.0
     weight_decay: float = 0.0            # AdamW; never on biases, norms and the logit scale
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0               # max gradient norm (0: off)
@@ -176,6 +184,12 @@ class FinetuneConfig:
             raise ConfigError(f"sample_every: must be >= -1, got {self.sample_every}")
         if not self.lr > 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule: '{self.lr_schedule}' is not one of "
+                              f"{', '.join(LR_SCHEDULES)}{did_you_mean(self.lr_schedule, LR_SCHEDULES)}")
+        if not 0.0 <= self.average_decay < 1.0:
+            raise ConfigError(f"average_decay: must be in [0, 1) (0: off), got "
+                              f"{self.average_decay}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("weight_decay and grad_clip: must be >= 0")
         if not 0.0 <= self.cfg_dropout <= 1.0:
@@ -309,9 +323,45 @@ class SeededDataset(torch.utils.data.Dataset):
 
 # -- the functional core -----------------------------------------------------------------
 
-def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps (step 0 gets lr / warmup), then constant."""
-    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+def lr_at(step: int, lr: float, warmup: int, schedule: str = "constant",
+          steps: int = 0) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): linear warm-up over ``warmup``
+    steps (step 0 gets lr / warmup), then ``constant`` or ``cosine`` (half a cosine from lr
+    after the warm-up down to 0 at step ``steps``)."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "cosine" and steps > warmup:
+        progress = min(1.0, (step - warmup) / (steps - warmup))
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
+
+
+class WeightAverage:
+    """Exponential moving average of a module's floating-point parameters and buffers.
+
+    The average starts as a copy of the module; ``update`` after each optimiser step moves it
+    towards the live weights by ``1 - d`` with ``d = min(decay, (1 + n) / (10 + n))`` (n: the
+    updates so far, ``updates``), so the first steps are not held back by the initial
+    weights. The average is itself a module (``.module``, same keys as the live one), so it is
+    checkpointed and saved like it; ``updates`` travels in the checkpoint's info.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        live = module.state_dict()
+        for name, avg in self.module.state_dict().items():
+            src = live[name].detach()
+            if avg.dtype.is_floating_point:
+                avg.lerp_(src.to(avg), 1.0 - d)
+            else:
+                avg.copy_(src)
+        self.updates += 1
 
 
 def drop_context(context: Tensor, uncond: Tensor, drop: Tensor) -> Tensor:
@@ -579,6 +629,10 @@ class Finetune:
                                             image_size=image_size, num_views=self.V,
                                             with_reference=cfg.mode != "text")
         self.start_step = 0
+        self.average = None
+        if cfg.average_decay > 0:
+            self.average = WeightAverage(self.trainable, cfg.average_decay)
+            self.average.module.to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.trainable, cfg.weight_decay),
                                            lr=lr_at(0, cfg.lr, cfg.warmup),
                                            betas=tuple(cfg.betas))
@@ -602,7 +656,10 @@ class Finetune:
 
     # -- checkpoints ----------------------------------------------------------------------
     def _modules(self) -> Dict[str, torch.nn.Module]:
-        return {"clip": self.clip} if self.mode == "clip" else {"unet": self.model.unet}
+        live = {"clip": self.clip} if self.mode == "clip" else {"unet": self.model.unet}
+        if self.average is not None:
+            live["average"] = self.average.module
+        return live
 
     def _restore(self, path: Path) -> None:
         from engine import checkpoint
@@ -616,6 +673,8 @@ class Finetune:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(f"resume={path} does not fit this model "
                             f"({str(exc).splitlines()[0][:200]})") from None
+        if self.average is not None:
+            self.average.updates = int(info.get("average_updates", 0))
         self.start_step = int(info["step"])
         self.resume_info = info
 
@@ -629,7 +688,8 @@ class Finetune:
             folder = self.out / "checkpoints"
             path = folder / checkpoint.checkpoint_name(0, self.mode, step)
             info = {"step": step, "mode": self.mode, "recipe": self.cfg.recipe,
-                    "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+                    "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                    "average_updates": self.average.updates if self.average else None}
             checkpoint.save(path, modules=self._modules(), optimizer=self.optimizer, info=info)
             periodic = checkpoint.list_checkpoints(folder)
             for old in periodic[:-self.cfg.keep_checkpoints]:
@@ -732,7 +792,7 @@ class Finetune:
                 rank = acc.process_index
                 torch.manual_seed(mix_seed(cfg.seed, 41, step, rank))
                 generator = torch.Generator().manual_seed(mix_seed(cfg.seed, 43, step, rank))
-                lr = lr_at(step, cfg.lr, cfg.warmup)
+                lr = lr_at(step, cfg.lr, cfg.warmup, cfg.lr_schedule, cfg.steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss, logs = self.compute_loss(batch, generator)
@@ -746,6 +806,8 @@ class Finetune:
                     grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.average is not None:
+                    self.average.update(acc.unwrap_model(self.net))
                 step += 1
                 window.append(float(acc.gather(loss.detach()[None]).mean()))
                 if step % cfg.log_every == 0 or step == cfg.steps:
@@ -778,21 +840,26 @@ class Finetune:
               f"lr {lr:.2e} ({elapsed:.0f} s)", flush=True)
 
     def save_model(self, step: int) -> Path:
-        """out/model: MultiViewDiffusionModel folder, or OpenCLIP folder for clip."""
+        """out/model: MultiViewDiffusionModel folder, or OpenCLIP folder for clip; the
+        weight average when ``average_decay`` is on."""
         acc = self.accelerator
         acc.wait_for_everyone()
         folder = self.out / "model"
         if acc.is_main_process:
-            net = acc.unwrap_model(self.net, keep_fp32_wrapper=False)
+            net = (self.average.module if self.average is not None
+                   else acc.unwrap_model(self.net, keep_fp32_wrapper=False))
             if self.mode == "clip":
                 from guidance.conditioners import save_openclip_folder
 
                 save_openclip_folder(net, self.clip_cfg, folder)
             else:
-                self.model.unet = net
-                self.model.save_pretrained(folder, extra={"finetune": {
-                    "mode": self.mode, "steps": step, "recipe": self.cfg.recipe,
-                    "seed": self.cfg.seed}})
+                live, self.model.unet = self.model.unet, net
+                try:
+                    self.model.save_pretrained(folder, extra={"finetune": {
+                        "mode": self.mode, "steps": step, "recipe": self.cfg.recipe,
+                        "seed": self.cfg.seed, "average_decay": self.cfg.average_decay}})
+                finally:
+                    self.model.unet = live
         acc.wait_for_everyone()
         return folder
 
@@ -806,11 +873,27 @@ class Finetune:
                 or not self.accelerator.is_main_process:
             return None
         from engine.outputs import save_grid
-        from guidance.sample import sample_views
 
         unet = self.model.unet
         was_training = unet.training
         unet.eval()
+        if self.average is not None:           # sample what save_model will save
+            self.model.unet = self.average.module
+        try:
+            rows = self._sample_rows()
+        finally:
+            self.model.unet = unet
+            unet.train(was_training)
+        if not rows:
+            return None
+        path = self.out / "samples" / f"step-{step:07d}.png"
+        save_grid(path, rows)
+        return path
+
+    @torch.no_grad()
+    def _sample_rows(self) -> List[Tensor]:
+        from guidance.sample import sample_views
+
         rows = []
         gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, 53))
         for i in range(min(self.cfg.sample_objects, len(self.dataset))):
@@ -829,12 +912,7 @@ class Finetune:
             row = ([sample["reference"]] if self.mode != "text" else []) \
                 + list(sample["images"]) + list(views.float().cpu())
             rows.append(torch.stack([r.float().cpu() for r in row]).permute(0, 2, 3, 1))
-        unet.train(was_training)
-        if not rows:
-            return None
-        path = self.out / "samples" / f"step-{step:07d}.png"
-        save_grid(path, rows)
-        return path
+        return rows
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

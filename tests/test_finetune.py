@@ -15,8 +15,9 @@ import yaml
 
 from engine.cameras import Cameras
 from engine.errors import ConfigError
-from engine.finetune import (Finetune, StepBatchSampler, build_config, build_diffusion_model,
-                             clip_loss, diffusion_loss, lr_at, main, make_diffusion_batch)
+from engine.finetune import (Finetune, StepBatchSampler, WeightAverage, build_config,
+                             build_diffusion_model, clip_loss, diffusion_loss, lr_at, main,
+                             make_diffusion_batch)
 from engine.mvdataset import write_index, write_object
 from guidance.conditioners import build_openclip, save_openclip_folder, tiny_openclip_config
 from guidance.model import MultiViewDiffusionModel
@@ -131,12 +132,46 @@ def test_recipes_in_tree_validate():
 
 def test_lr_warmup_and_sampler_are_step_functions():
     assert lr_at(0, 1.0, 4) == 0.25 and lr_at(3, 1.0, 4) == 1.0 and lr_at(9, 1.0, 0) == 1.0
+    # cosine: full lr right after the warm-up, half way down at the middle, 0 at the end
+    assert lr_at(0, 2.0, 2, "cosine", 12) == 1.0 and lr_at(2, 2.0, 2, "cosine", 12) == 2.0
+    assert lr_at(7, 2.0, 2, "cosine", 12) == pytest.approx(1.0)
+    assert lr_at(12, 2.0, 2, "cosine", 12) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(5, 2.0, 0, "cosine", 10) == pytest.approx(1.0)
     full = list(StepBatchSampler(5, 2, seed=3, start=0, steps=6, num_processes=2))
     tail = list(StepBatchSampler(5, 2, seed=3, start=4, steps=6, num_processes=2))
     assert len(full) == 12 and full[8:] == tail
     # each epoch visits every object once: positions 0..4 and 5..9 of the stream
     stream = [i for b in full for _, i in b]
     assert sorted(stream[:5]) == list(range(5)) and sorted(stream[5:10]) == list(range(5))
+
+
+def test_weight_average_follows_its_formula():
+    live = torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        live.weight.copy_(torch.tensor([1.0, 2.0]))
+    avg = WeightAverage(live, decay=0.5)
+    assert avg.module.weight.requires_grad is False
+    assert torch.equal(avg.module.weight, live.weight)           # starts as a copy
+    with torch.no_grad():
+        live.weight.copy_(torch.tensor([11.0, 12.0]))
+    live.num_batches_tracked += 7
+    avg.update(live)            # first update: d = min(0.5, 1/10) = 0.1
+    assert torch.allclose(avg.module.weight, torch.tensor([10.0, 11.0]))
+    assert int(avg.module.num_batches_tracked) == 7               # integers are copied
+    with torch.no_grad():
+        live.weight.copy_(torch.tensor([20.0, 21.0]))
+    avg.update(live)            # d = min(0.5, 2/11) = 2/11
+    assert torch.allclose(avg.module.weight, torch.tensor([10.0, 11.0]) * 2 / 11
+                          + torch.tensor([20.0, 21.0]) * 9 / 11)
+    for _ in range(100):
+        avg.update(live)        # d capped at 0.5: converges on the live weights
+    assert torch.allclose(avg.module.weight, live.weight, atol=1e-6)
+    assert avg.updates == 102
+    # a bad value is a config error
+    with pytest.raises(ConfigError, match="average_decay"):
+        build_config({"mode": "text", "data": {"root": "x"}, "average_decay": 1.0})
+    with pytest.raises(ConfigError, match="lr_schedule: 'cosin'.*cosine"):
+        build_config({"mode": "text", "data": {"root": "x"}, "lr_schedule": "cosin"})
 
 
 # -- the maths of one step ------------------------------------------------------------------
@@ -231,6 +266,35 @@ def test_text_run_outputs_and_resume_is_exact(work, text_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss"] for x in again] == [x["loss"] for x in lines]
+
+
+def test_weight_average_is_what_is_saved_and_resumes_exactly(work, text_run):
+    from engine import checkpoint
+
+    out = work / "averaged"
+    args = [f"recipe={recipe(work, 'text', model={'init': str(text_run / 'model')})}",
+            "average_decay=0.6", "lr_schedule=cosine", "sample_every=-1"]
+    assert main(args + [f"out={out}"]) == 0
+    tensors, meta = checkpoint.load(out / "checkpoints" / "00-text-0000004.safetensors")
+    assert meta["info"]["average_updates"] == 4
+    saved = MultiViewDiffusionModel.from_pretrained(out / "model").unet.state_dict()
+    start = MultiViewDiffusionModel.from_pretrained(text_run / "model").unet.state_dict()
+    moved = [k for k in saved if not torch.equal(tensors["unet." + k], start[k])]
+    assert moved
+    # the saved model is the average, which lies strictly between the start and the live end
+    assert all(torch.equal(saved[k], tensors["average." + k]) for k in saved)
+    assert any(not torch.equal(saved[k], tensors["unet." + k]) for k in moved)
+    assert any(not torch.equal(saved[k], start[k]) for k in moved)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["lr"] < lines[0]["lr"]                               # cosine
+    # resume from step 2: the same average, bit for bit
+    copy = work / "averaged-resumed"
+    (copy / "checkpoints").mkdir(parents=True)
+    shutil.copy(out / "config.yaml", copy / "config.yaml")
+    shutil.copy(out / "checkpoints" / "00-text-0000002.safetensors", copy / "checkpoints")
+    assert main([f"resume={copy}"]) == 0
+    again = MultiViewDiffusionModel.from_pretrained(copy / "model").unet.state_dict()
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
 
 
 def test_text_loss_decreases_on_a_fixed_batch(work, text_run):

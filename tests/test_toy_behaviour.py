@@ -2,42 +2,24 @@
 judged on held-out objects (examples/toy) against their ground truth."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from engine import view_scores as vs
 from engine.config import PROJECT_ROOT
 
 MODELS = PROJECT_ROOT / "models" / "toy"
 EXAMPLES = PROJECT_ROOT / "examples" / "toy"
 NAMES = ("red-mug", "pink-vase", "brown-box", "blue-mushroom")
-#: the views guidance.sample draws by default: elevation 15, azimuths 0/90/180/270
-ELEVATION, AZIMUTHS = 15.0, (0.0, 90.0, 180.0, 270.0)
 
 
 def ground_truth_views(name: str, size: int) -> np.ndarray:
-    """uint8 [4, size, size, 4] renders of the example's ground-truth object at the sampled
-    cameras, with the toy world's framing (fovy 40, sphere filling 80% of the frame)."""
+    """uint8 [4, size, size, 4]: the example's ground truth at guidance.sample's cameras."""
     import trimesh
 
-    from engine.cameras import Cameras
-    from engine.toy_world import FRONT_FILL, FRONT_FOVY, camera_distance, render_object
-
     mesh = trimesh.load(EXAMPLES / f"{name}.obj", force="mesh", process=False)
-    cams = Cameras.from_spherical([ELEVATION] * 4, list(AZIMUTHS),
-                                  camera_distance(FRONT_FOVY, FRONT_FILL), FRONT_FOVY)
-    return render_object(mesh, cams, size)
-
-
-def foreground(rgb: np.ndarray) -> np.ndarray:
-    """[..., H, W] bool: pixels visibly different from the white background."""
-    return (1.0 - rgb.astype(np.float32) / 255.0).max(axis=-1) > 0.15
-
-
-def silhouette_iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
+    return vs.ground_truth_views(mesh, size)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +35,8 @@ def samples(tmp_path_factory):
         grid = out / f"{name}.png"
         assert main([f"image={EXAMPLES / name}.png", f"out={grid}",
                      f"model={MODELS / 'stage2'}", "steps=30", "scale=2", "seed=0",
-                     "device=cpu", f"elevation={ELEVATION}", "object_fraction=0.7"]) == 0
+                     "device=cpu", f"elevation={vs.SAMPLE_ELEVATION}",
+                     "object_fraction=0.7"]) == 0
         tiles = np.asarray(Image.open(grid).convert("RGB"))
         size = tiles.shape[0]
         views[name] = np.stack([tiles[:, (k + 1) * size:(k + 2) * size] for k in range(4)])
@@ -74,17 +57,6 @@ def test_shipped_models_are_the_documented_chain():
         assert f.suffix not in (".pt", ".pth", ".ckpt", ".bin"), f"pickled weights: {f}"
 
 
-def hue(rgb: np.ndarray) -> float:
-    """Hue in degrees of a mean colour [3] in [0, 1]."""
-    import colorsys
-
-    return 360.0 * colorsys.rgb_to_hsv(*[float(c) for c in rgb])[0]
-
-
-def hue_distance(a: float, b: float) -> float:
-    return min(abs(a - b), 360.0 - abs(a - b))
-
-
 def test_sampled_views_have_the_input_colour_and_sit_where_the_object_is(samples):
     """What the shipped model has learnt, measured against the ground truth seen from the same
     cameras: the colour of the object in the picture (every example's views have the hue of
@@ -93,16 +65,15 @@ def test_sampled_views_have_the_input_colour_and_sit_where_the_object_is(samples
     right yet (a mug comes out as a ball): see the figures in README, The shipped toy models."""
     size = next(iter(samples.values())).shape[1]
     truth = {n: ground_truth_views(n, size) for n in NAMES}
-    gt_hue = {n: hue(truth[n][..., :3][truth[n][..., 3] > 127].mean(axis=0) / 255.0)
-              for n in NAMES}
+    gt_hue = {n: vs.truth_hue(truth[n]) for n in NAMES}
     for name in NAMES:
-        fg = foreground(samples[name])
+        fg = vs.foreground(samples[name])
         assert all(0.03 < f.mean() < 0.6 for f in fg), (name, [f.mean() for f in fg])
-        seen = hue(samples[name][fg].mean(axis=0) / 255.0)
-        nearest = min(NAMES, key=lambda n: hue_distance(seen, gt_hue[n]))
+        seen = vs.sample_hue(samples[name])
+        nearest = min(NAMES, key=lambda n: vs.hue_distance(seen, gt_hue[n]))
         assert nearest == name, (name, seen, gt_hue)
-        ious = [silhouette_iou(fg[k], truth[name][k, ..., 3] > 127) for k in range(4)]
-        assert np.mean(ious) > 0.25 and min(ious) > 0.1, (name, ious)
+        ious = vs.view_ious(samples[name], truth[name])
+        assert ious.mean() > 0.25 and ious.min() > 0.1, (name, ious)
 
 
 def test_isotropic3d_toy_beats_the_initial_blob(tmp_path):

@@ -1,0 +1,83 @@
+"""Judging sampled views of a toy object against its ground truth, seen from the same cameras.
+
+``python -m guidance.sample`` draws V views of the object in a picture; for a toy-world object
+we know what they should look like. These scores say whether the views show the right object:
+
+* silhouette IoU between a sampled view's foreground (pixels visibly off the white background)
+  and the ground-truth mesh's coverage at the same camera - size, place and shape, per view;
+* the hue of the sampled foreground against the truth's - the colour.
+
+An object whose 4 views each overlap its own truth better than any other object's truth is
+"identified"; that is the shape check of the toy benchmark's views (benchmarks/bench_toy_views.py)
+and of tests/test_toy_behaviour.py. Cameras follow guidance.sample's defaults: elevation 15,
+azimuths 0/90/180/270, framed as the toy world frames its canonical front view (fovy 40,
+bounding sphere filling 80% of the frame).
+"""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Dict, Sequence
+
+import numpy as np
+
+SAMPLE_ELEVATION = 15.0
+SAMPLE_AZIMUTHS = (0.0, 90.0, 180.0, 270.0)
+
+
+def ground_truth_views(mesh, size: int, elevation: float = SAMPLE_ELEVATION,
+                       azimuths: Sequence[float] = SAMPLE_AZIMUTHS) -> np.ndarray:
+    """uint8 [V, size, size, 4] renders of a toy mesh (trimesh, vertex colours) at the
+    sampling cameras, with the toy world's front-view framing."""
+    from engine.cameras import Cameras
+    from engine.toy_world import FRONT_FILL, FRONT_FOVY, camera_distance, render_object
+
+    cams = Cameras.from_spherical([elevation] * len(azimuths), list(azimuths),
+                                  camera_distance(FRONT_FOVY, FRONT_FILL), FRONT_FOVY)
+    return render_object(mesh, cams, size)
+
+
+def foreground(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 3] on white -> bool [..., H, W]: pixels visibly off the background."""
+    return (1.0 - rgb.astype(np.float32) / 255.0).max(axis=-1) > 0.15
+
+
+def silhouette_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two bool masks (0 when both are empty)."""
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def mean_hue(rgb: np.ndarray) -> float:
+    """Hue in degrees of the mean of uint8 colours [N, 3]."""
+    mean = rgb.reshape(-1, 3).astype(np.float64).mean(axis=0) / 255.0
+    return 360.0 * colorsys.rgb_to_hsv(*mean)[0]
+
+
+def hue_distance(a: float, b: float) -> float:
+    """Angular distance of two hues in degrees, in [0, 180]."""
+    d = abs(a - b) % 360.0
+    return min(d, 360.0 - d)
+
+
+def view_ious(views: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-view silhouette IoU [V] of sampled views (uint8 [V, S, S, 3]) against truth renders
+    (uint8 [V, S, S, 4], same cameras)."""
+    fg = foreground(views[..., :3])
+    return np.array([silhouette_iou(fg[k], truth[k, ..., 3] > 127) for k in range(len(views))])
+
+
+def iou_matrix(samples: Dict[str, np.ndarray], truths: Dict[str, np.ndarray]) -> np.ndarray:
+    """[N, N] mean-over-views silhouette IoU of object i's sampled views against object j's
+    truth (keys in the same order). Row i's argmax == i: object i's views are its own shape."""
+    names = list(samples)
+    return np.array([[view_ious(samples[a], truths[b]).mean() for b in names] for a in names])
+
+
+def truth_hue(truth: np.ndarray) -> float:
+    """Hue of a truth render's covered pixels (uint8 [..., 4])."""
+    return mean_hue(truth[..., :3][truth[..., 3] > 127])
+
+
+def sample_hue(views: np.ndarray) -> float:
+    """Hue of sampled views' foreground (uint8 [..., 3] on white)."""
+    return mean_hue(views[foreground(views)])

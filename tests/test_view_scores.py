@@ -1,0 +1,68 @@
+"""engine.view_scores on hand-made pictures with known answers."""
+
+import numpy as np
+import pytest
+import trimesh
+
+from engine import view_scores as vs
+
+
+def picture(boxes, colour=(200, 30, 30), size=8):
+    """uint8 [size, size, 3] white picture with coloured rectangles (r0, r1, c0, c1)."""
+    img = np.full((size, size, 3), 255, np.uint8)
+    for r0, r1, c0, c1 in boxes:
+        img[r0:r1, c0:c1] = colour
+    return img
+
+
+def truth(boxes, size=8):
+    """uint8 [size, size, 4]: alpha 255 inside the rectangles."""
+    t = np.zeros((size, size, 4), np.uint8)
+    for r0, r1, c0, c1 in boxes:
+        t[r0:r1, c0:c1] = (10, 200, 10, 255)
+    return t
+
+
+def test_foreground_and_iou():
+    img = picture([(0, 4, 0, 4)])
+    img[7, 7] = (250, 250, 250)                       # near-white: background
+    fg = vs.foreground(img)
+    assert fg.sum() == 16 and not fg[7, 7]
+    b = np.zeros((8, 8), bool)
+    b[0:4, 2:6] = True                                # overlaps 8 of 24 pixels in the union
+    assert vs.silhouette_iou(fg, b) == pytest.approx(8 / 24)
+    assert vs.silhouette_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 0.0
+
+
+def test_hues():
+    assert vs.mean_hue(np.array([[255, 0, 0]], np.uint8)) == pytest.approx(0.0)
+    assert vs.mean_hue(np.array([[0, 0, 255]], np.uint8)) == pytest.approx(240.0)
+    assert vs.hue_distance(350.0, 10.0) == pytest.approx(20.0)      # wraps round
+    assert vs.hue_distance(0.0, 540.0) == pytest.approx(180.0)
+    t = truth([(2, 6, 2, 6)])
+    assert vs.truth_hue(t) == pytest.approx(120.0)                   # the covered pixels' green
+    assert vs.sample_hue(picture([(0, 3, 0, 3)], colour=(0, 0, 200))) == pytest.approx(240.0)
+
+
+def test_iou_matrix_identifies_each_object_by_its_shape():
+    # two "objects": a tall bar and a wide bar, each seen in 2 views
+    tall, wide = [(0, 8, 3, 5)], [(3, 5, 0, 8)]
+    samples = {"tall": np.stack([picture(tall)] * 2), "wide": np.stack([picture(wide)] * 2)}
+    truths = {"tall": np.stack([truth(tall)] * 2), "wide": np.stack([truth(wide)] * 2)}
+    m = vs.iou_matrix(samples, truths)
+    assert m[0, 0] == pytest.approx(1.0) and m[1, 1] == pytest.approx(1.0)
+    assert m[0, 1] == pytest.approx(4 / 28)                       # crossing bars
+    assert list(m.argmax(axis=1)) == [0, 1]
+    np.testing.assert_allclose(vs.view_ious(samples["tall"], truths["wide"]), [4 / 28] * 2)
+
+
+def test_ground_truth_views_see_a_cube_from_four_sides():
+    cube = trimesh.creation.box((0.8, 0.8, 0.8))
+    cube.visual.vertex_colors = np.tile([200, 40, 40, 255], (len(cube.vertices), 1))
+    views = vs.ground_truth_views(cube, 32)
+    assert views.shape == (4, 32, 32, 4)
+    cover = (views[..., 3] > 127).mean(axis=(1, 2))
+    # a cube looks the same from its four sides: equal coverage, centred, not the whole frame
+    assert np.ptp(cover) < 0.02 and 0.1 < cover.mean() < 0.6
+    rows, cols = np.nonzero(views[0, ..., 3] > 127)
+    assert abs(cols.mean() - 15.5) < 1.0
