@@ -1,16 +1,19 @@
 """Do the toy model's sampled views show the right object? Scored on the toy world's held-out split.
 
     python benchmarks/bench_toy_views.py [--model models/toy/stage2] [--data data/toy]
-        [--split heldout] [--limit 20] [--steps 30] [--scale 2] [--seed 0]
+        [--split heldout] [--limit 20] [--steps 30] [--scale 2] [--seed 0] [--seeds 2]
         [--object-fraction 0.7] [--out outputs/bench-views]
 
 For every object of the split: its canonical front view (r0.png) goes through
-``python -m guidance.sample`` (4 views, elevation 15, azimuths 0/90/180/270); the views are
-scored against every object's ground-truth mesh rendered at the same cameras
-(engine.view_scores). Prints per object: its own silhouette IoU (mean and worst view), the
-object whose truth the views match best, the rank of its own truth, the hue error; then the
-summary: mean own IoU, how many objects are identified (own truth the best match), how many
-match an object of their own kind (mug, box, ...). The grids and scores.json go to --out.
+``python -m guidance.sample`` (4 views, elevation 15, azimuths 0/90/180/270), once per seed
+(seed, seed + 1, ...: the same noise for every object, so objects and models are compared on
+equal terms; one seed alone is noisy - a pattern in one view's noise can show in every
+object); the views are scored against every object's ground-truth mesh rendered at the same
+cameras (engine.view_scores), averaged over the seeds. Prints per object: its own silhouette
+IoU (mean and worst view), the object whose truth the views match best, the rank of its own
+truth, the hue error; then the summary: mean own IoU, the swap-test accuracy over pairs of
+different kinds (chance 0.5; blind to size), how many objects are identified (own truth the
+best match; biased to big compact truths), and the hue. The grids and scores.json go to --out.
 The data folder is the models' own dataset (``python -m engine.toy_world out=data/toy``).
 """
 
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--scale", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--object-fraction", type=float, default=0.7)
     ap.add_argument("--out", default="outputs/bench-views")
     args = ap.parse_args()
@@ -46,32 +50,36 @@ def main() -> None:
     data, out = Path(args.data), Path(args.out)
     index = json.loads((data / "dataset.json").read_text())
     ids = index["splits"][args.split][:args.limit]
-    samples, truths, kinds = {}, {}, {}
+    samples, truths, kinds = {}, {}, {}      # samples: {seed: {object: views}}
     t0 = time.perf_counter()
     for oid in ids:
-        grid = out / f"{oid}.png"
-        code = sample([f"image={data / oid / 'r0.png'}", f"out={grid}", f"model={args.model}",
-                       f"steps={args.steps}", f"scale={args.scale}", f"seed={args.seed}",
-                       f"object_fraction={args.object_fraction}", "device=cpu"])
-        if code != 0:
-            raise SystemExit(f"guidance.sample failed on {oid}")
-        tiles = np.asarray(Image.open(grid).convert("RGB"))
-        size = tiles.shape[0]
-        samples[oid] = np.stack([tiles[:, (k + 1) * size:(k + 2) * size] for k in range(4)])
         mesh = trimesh.load(data / oid / "mesh.obj", force="mesh", process=False)
-        truths[oid] = vs.ground_truth_views(mesh, size)
         kinds[oid] = json.loads((data / oid / "object.json").read_text()).get("kind", "?")
+        for seed in range(args.seed, args.seed + args.seeds):
+            grid = out / f"{oid}-seed{seed}.png"
+            code = sample([f"image={data / oid / 'r0.png'}", f"out={grid}",
+                           f"model={args.model}", f"steps={args.steps}", f"scale={args.scale}",
+                           f"seed={seed}", f"object_fraction={args.object_fraction}",
+                           "device=cpu"])
+            if code != 0:
+                raise SystemExit(f"guidance.sample failed on {oid}")
+            tiles = np.asarray(Image.open(grid).convert("RGB"))
+            size = tiles.shape[0]
+            samples.setdefault(seed, {})[oid] = np.stack(
+                [tiles[:, (k + 1) * size:(k + 2) * size] for k in range(4)])
+        truths[oid] = vs.ground_truth_views(mesh, size)
     seconds = time.perf_counter() - t0
 
-    m = vs.iou_matrix(samples, truths)
+    m = np.mean([vs.iou_matrix(by_object, truths) for by_object in samples.values()], axis=0)
     rows = []
     print(f"{'object':<10} {'kind':<9} {'own IoU':>7} {'worst':>6} {'best match':<20} "
           f"{'rank':>4} {'hue err':>7}")
     for i, oid in enumerate(ids):
-        ious = vs.view_ious(samples[oid], truths[oid])
+        ious = np.mean([vs.view_ious(s[oid], truths[oid]) for s in samples.values()], axis=0)
         best = ids[int(np.argmax(m[i]))]
         rank = 1 + int((m[i] > m[i, i]).sum())
-        hue_err = vs.hue_distance(vs.sample_hue(samples[oid]), vs.truth_hue(truths[oid]))
+        hue_err = float(np.mean([vs.hue_distance(vs.sample_hue(s[oid]), vs.truth_hue(truths[oid]))
+                                 for s in samples.values()]))
         rows.append({"object": oid, "kind": kinds[oid], "own_iou": float(ious.mean()),
                      "worst_view_iou": float(ious.min()), "best_match": best,
                      "best_kind": kinds[best], "rank": rank, "hue_error": hue_err})
@@ -79,14 +87,16 @@ def main() -> None:
               f"{best + ' (' + kinds[best] + ')':<20} {rank:4d} {hue_err:7.1f}")
     n = len(rows)
     summary = {
-        "model": args.model, "objects": n, "seconds": round(seconds, 1),
+        "model": args.model, "objects": n, "seeds": args.seeds, "seconds": round(seconds, 1),
         "mean_own_iou": float(np.mean([r["own_iou"] for r in rows])),
+        "swap_test": vs.swap_test_accuracy(m, [kinds[o] for o in ids]),
         "identified": int(sum(r["rank"] == 1 for r in rows)),
         "right_kind": int(sum(r["best_kind"] == r["kind"] for r in rows)),
         "mean_rank": float(np.mean([r["rank"] for r in rows])),
         "hue_within_30": int(sum(r["hue_error"] <= 30 for r in rows)),
     }
     print(f"\n{args.model}: {n} objects, mean own IoU {summary['mean_own_iou']:.3f}, "
+          f"swap test {summary['swap_test']:.3f} (chance 0.5), "
           f"identified {summary['identified']}/{n}, right kind {summary['right_kind']}/{n}, "
           f"mean rank {summary['mean_rank']:.2f} (chance {(n + 1) / 2:.1f}), hue within 30 deg "
           f"{summary['hue_within_30']}/{n}; sampling {seconds:.0f} s")

@@ -7,9 +7,10 @@ we know what they should look like. These scores say whether the views show the 
   and the ground-truth mesh's coverage at the same camera - size, place and shape, per view;
 * the hue of the sampled foreground against the truth's - the colour.
 
-An object whose 4 views each overlap its own truth better than any other object's truth is
-"identified"; that is the shape check of the toy benchmark's views (benchmarks/bench_toy_views.py)
-and of tests/test_toy_behaviour.py. Cameras follow guidance.sample's defaults: elevation 15,
+Across several objects, the matrix of "object i's views against object j's truth" says whether
+the views are the right shape: row i peaking at i (identified), and above all the swap test
+(:func:`swap_test_accuracy`), which is blind to size. benchmarks/bench_toy_views.py reports
+both on the held-out split; tests/test_toy_behaviour.py uses them on examples/toy. Cameras follow guidance.sample's defaults: elevation 15,
 azimuths 0/90/180/270, framed as the toy world frames its canonical front view (fovy 40,
 bounding sphere filling 80% of the frame).
 """
@@ -71,6 +72,27 @@ def iou_matrix(samples: Dict[str, np.ndarray], truths: Dict[str, np.ndarray]) ->
     truth (keys in the same order). Row i's argmax == i: object i's views are its own shape."""
     names = list(samples)
     return np.array([[view_ious(samples[a], truths[b]).mean() for b in names] for a in names])
+
+
+def swap_test_accuracy(matrix: np.ndarray, kinds: Sequence[str] = ()) -> float:
+    """Fraction of object pairs (i, j) whose views fit their own truths better than swapped:
+    ``m[i,i] + m[j,j] > m[i,j] + m[j,i]`` (ties count half; chance: 0.5).
+
+    Unlike "is the own truth the best match", the swap cancels what one object's views or one
+    truth does to every score (a big compact truth overlaps any blob; a large sample overlaps
+    any truth), so it measures shape and not size. With ``kinds`` (one per row), only pairs of
+    different kinds count: two boxes may rightly fit each other's truth.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    wins, pairs = 0.0, 0
+    for i in range(len(m)):
+        for j in range(i + 1, len(m)):
+            if len(kinds) and kinds[i] == kinds[j]:
+                continue
+            own, swapped = m[i, i] + m[j, j], m[i, j] + m[j, i]
+            wins += 1.0 if own > swapped else 0.5 if own == swapped else 0.0
+            pairs += 1
+    return wins / pairs if pairs else float("nan")
 
 
 def truth_hue(truth: np.ndarray) -> float:

@@ -135,3 +135,30 @@ def test_export_failure_is_a_recorded_row(bench, tmp_path):
     assert [(r["recipe"], r["ok"]) for r in rows] == [("initial", False), ("fit-image", False)]
     assert all("isosurface_threshold" in r["error"] or "surface" in r["error"] for r in rows)
     assert all(r["seconds"] >= 0.0 for r in rows)
+
+
+def test_shape_swap_prefers_own_truths(tmp_path):
+    from engine.benchmark import shape_swap
+
+    shapes = {"tall": (0.2, 0.3, 1.0), "flat": (1.0, 0.8, 0.2), "also-tall": (0.25, 0.2, 0.9)}
+    objects, rows = {}, []
+    for name, ext in shapes.items():
+        obj = tmp_path / name
+        obj.mkdir()
+        trimesh.creation.box(extents=ext).export(obj / "mesh.obj")
+        kind = "flat" if name == "flat" else "tall"
+        (obj / "object.json").write_text(json.dumps({"kind": kind}))
+        objects[name] = obj
+        # recipe "right": each mesh a slightly different box of its own shape;
+        # recipe "wrong": only tall and flat, their meshes exchanged
+        right = tmp_path / f"right-{name}.obj"
+        trimesh.creation.box(extents=[e * 1.1 for e in ext]).export(right)
+        rows.append({"recipe": "right", "object": name, "ok": True, "mesh": str(right)})
+    wrong = {"tall": rows[1]["mesh"], "flat": rows[0]["mesh"]}
+    rows += [{"recipe": "wrong", "object": n, "ok": True, "mesh": m} for n, m in wrong.items()]
+    rows.append({"recipe": "broken", "object": "tall", "ok": False})
+    swap = shape_swap(rows, objects, ["right", "wrong", "broken"], samples=1000)
+    # pairs of different kinds: (tall, flat) and (flat, also-tall); tall/also-tall left out
+    assert swap["right"] == 1.0
+    assert swap["wrong"] == 0.0
+    assert swap["broken"] is None

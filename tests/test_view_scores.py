@@ -66,3 +66,19 @@ def test_ground_truth_views_see_a_cube_from_four_sides():
     assert np.ptp(cover) < 0.02 and 0.1 < cover.mean() < 0.6
     rows, cols = np.nonzero(views[0, ..., 3] > 127)
     assert abs(cols.mean() - 15.5) < 1.0
+
+
+def test_swap_test_sees_shape_not_size():
+    # object 0's views overlap every truth a lot (a big blob), object 1's fit only its own;
+    # row 0 peaks at the wrong truth, yet each fits its own better than swapped
+    m = np.array([[0.50, 0.60, 0.10],
+                  [0.05, 0.30, 0.00],
+                  [0.20, 0.10, 0.40]])
+    assert list(m.argmax(axis=1)) == [1, 1, 2]
+    # pairs: (0,1) 0.8 vs 0.65 win; (0,2) 0.9 vs 0.3 win; (1,2) 0.7 vs 0.1 win
+    assert vs.swap_test_accuracy(m) == 1.0
+    swapped = m[:, [1, 0, 2]]                              # truths 0 and 1 exchanged
+    assert vs.swap_test_accuracy(swapped) == pytest.approx(2 / 3)
+    # same-kind pairs are left out; ties count half
+    assert vs.swap_test_accuracy(swapped, kinds=["box", "box", "mug"]) == 1.0
+    assert vs.swap_test_accuracy(np.ones((2, 2))) == 0.5
