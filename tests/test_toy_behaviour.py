@@ -22,24 +22,30 @@ def ground_truth_views(name: str, size: int) -> np.ndarray:
     return vs.ground_truth_views(mesh, size)
 
 
+SEEDS = (0, 1)
+
+
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    """{example: uint8 [4, S, S, 3] views sampled by guidance.sample from its picture}."""
+    """{seed: {example: uint8 [4, S, S, 3] views sampled by guidance.sample from its picture}}.
+    Two seeds: with one, a pattern in one view's starting noise can show in every example."""
     from PIL import Image
 
     from guidance.sample import main
 
     out = tmp_path_factory.mktemp("samples")
     views = {}
-    for name in NAMES:
-        grid = out / f"{name}.png"
-        assert main([f"image={EXAMPLES / name}.png", f"out={grid}",
-                     f"model={MODELS / 'stage2'}", "steps=30", "scale=2", "seed=0",
-                     "device=cpu", f"elevation={vs.SAMPLE_ELEVATION}",
-                     "object_fraction=0.7"]) == 0
-        tiles = np.asarray(Image.open(grid).convert("RGB"))
-        size = tiles.shape[0]
-        views[name] = np.stack([tiles[:, (k + 1) * size:(k + 2) * size] for k in range(4)])
+    for seed in SEEDS:
+        for name in NAMES:
+            grid = out / f"{name}-{seed}.png"
+            assert main([f"image={EXAMPLES / name}.png", f"out={grid}",
+                         f"model={MODELS / 'stage2'}", "steps=30", "scale=2", f"seed={seed}",
+                         "device=cpu", f"elevation={vs.SAMPLE_ELEVATION}",
+                         "object_fraction=0.7"]) == 0
+            tiles = np.asarray(Image.open(grid).convert("RGB"))
+            size = tiles.shape[0]
+            views.setdefault(seed, {})[name] = np.stack(
+                [tiles[:, (k + 1) * size:(k + 2) * size] for k in range(4)])
     return views
 
 
@@ -58,22 +64,37 @@ def test_shipped_models_are_the_documented_chain():
 
 
 def test_sampled_views_have_the_input_colour_and_sit_where_the_object_is(samples):
-    """What the shipped model has learnt, measured against the ground truth seen from the same
-    cameras: the colour of the object in the picture (every example's views have the hue of
-    its own object, nearer than any other example's), and an object of the right size in the
-    right place in every view (silhouette IoU with the truth). The shape class is NOT reliably
-    right yet (a mug comes out as a ball): see the figures in README, The shipped toy models."""
-    size = next(iter(samples.values())).shape[1]
+    """The colour of the object in the picture (every example's views have the hue of its own
+    object, nearer than any other example's), and an object of about the right size in the
+    right place in every view (silhouette IoU with the truth seen from the same cameras)."""
+    size = samples[SEEDS[0]][NAMES[0]].shape[1]
     truth = {n: ground_truth_views(n, size) for n in NAMES}
     gt_hue = {n: vs.truth_hue(truth[n]) for n in NAMES}
-    for name in NAMES:
-        fg = vs.foreground(samples[name])
-        assert all(0.03 < f.mean() < 0.6 for f in fg), (name, [f.mean() for f in fg])
-        seen = vs.sample_hue(samples[name])
-        nearest = min(NAMES, key=lambda n: vs.hue_distance(seen, gt_hue[n]))
-        assert nearest == name, (name, seen, gt_hue)
-        ious = vs.view_ious(samples[name], truth[name])
-        assert ious.mean() > 0.25 and ious.min() > 0.1, (name, ious)
+    for seed in SEEDS:
+        for name in NAMES:
+            views = samples[seed][name]
+            fg = vs.foreground(views)
+            assert all(0.03 < f.mean() < 0.6 for f in fg), (name, seed, fg.mean(axis=(1, 2)))
+            seen = vs.sample_hue(views)
+            nearest = min(NAMES, key=lambda n: vs.hue_distance(seen, gt_hue[n]))
+            assert nearest == name, (name, seed, seen, gt_hue)
+            ious = vs.view_ious(views, truth[name])
+            assert ious.mean() > 0.3 and ious.min() > 0.1, (name, seed, ious)
+
+
+def test_sampled_views_have_the_shape_of_their_own_object(samples):
+    """Shape, blind to size: for every pair of examples, the views of each fit its own
+    truth's silhouettes better than the other's (the swap test, engine.view_scores; chance
+    0.5), averaged over the seeds. All four examples are of different kinds (mug, vase, box,
+    mushroom), so this is the shape class as far as four views' silhouettes tell it.
+    benchmarks/bench_toy_views.py measures the same on the 20 held-out objects."""
+    size = samples[SEEDS[0]][NAMES[0]].shape[1]
+    truth = {n: ground_truth_views(n, size) for n in NAMES}
+    m = np.mean([vs.iou_matrix(samples[seed], truth) for seed in SEEDS], axis=0)
+    assert vs.swap_test_accuracy(m) >= 5 / 6, m.round(3)
+    # and each example's own truth is nearer than the mean of the others' truths
+    others = (m.sum(axis=1) - np.diag(m)) / (len(NAMES) - 1)
+    assert (np.diag(m) > others).sum() >= 3, m.round(3)
 
 
 def test_isotropic3d_toy_beats_the_initial_blob(tmp_path):
