@@ -48,7 +48,14 @@ def main() -> None:
     from guidance.sample import main as sample
 
     data, out = Path(args.data), Path(args.out)
+    if not (data / "dataset.json").is_file():
+        raise SystemExit(f"error: no toy dataset in {data}; make it with python -m "
+                         f"engine.toy_world out={data} (the models' own: count=200 heldout=20 "
+                         "seed=0) or pass --data")
     index = json.loads((data / "dataset.json").read_text())
+    if args.split not in index.get("splits", {}):
+        raise SystemExit(f"error: {data} has no split '{args.split}'; it has "
+                         f"{', '.join(index.get('splits', {}))}")
     ids = index["splits"][args.split][:args.limit]
     samples, truths, kinds = {}, {}, {}      # samples: {seed: {object: views}}
     t0 = time.perf_counter()
