@@ -19,7 +19,8 @@ A name resolves to recipes/finetune/NAME.yaml. Modes (``mode:``):
   LAST view of each group (V+1 views), its input is its clean x0 (never noised), its timestep
   is 0, its camera vector is its own, its context is the same image embedding as the other
   views (zeros when dropped); the loss is the mean over the V noisy views only. At inference
-  the model is the plain V-view model: no weight is added.
+  the model is the plain V-view model: no weight is added. ``reference_dropout`` trains that
+  share of the steps without the reference (as inference runs).
 * ``clip``  contrastive training of an OpenCLIP model on (render, caption): every view of a
   batch (group views and the reference) against the batch's distinct captions, InfoNCE both
   ways with CLIP's learned logit scale; images sharing a caption are all positives of it.
@@ -148,6 +149,9 @@ class FinetuneConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0               # max gradient norm (0: off)
     cfg_dropout: float = 0.1             # probability of the unconditional context
+    # mode ema: probability that a step trains without the reference in the attention, as the
+    # model runs at inference (0: always with it, the plain Isotropic3D stage 2)
+    reference_dropout: float = 0.0
     mixed_precision: str = "no"          # no | fp16 | bf16 (accelerate)
     seed: int = 0
     device: str = "auto"                 # auto (accelerate's choice) | cpu
@@ -194,6 +198,12 @@ class FinetuneConfig:
             raise ConfigError("weight_decay and grad_clip: must be >= 0")
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ConfigError(f"cfg_dropout: must be in [0, 1], got {self.cfg_dropout}")
+        if not 0.0 <= self.reference_dropout <= 1.0:
+            raise ConfigError(f"reference_dropout: must be in [0, 1], got "
+                              f"{self.reference_dropout}")
+        if self.reference_dropout > 0 and self.mode != "ema":
+            raise ConfigError("reference_dropout: only mode ema puts a reference view in the "
+                              "attention; remove it or use mode: ema")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas: expected two values in [0, 1), got {list(self.betas)}")
         if self.mode == "clip" and self.model.conditioner is not None:
@@ -732,7 +742,11 @@ class Finetune:
         x0 = self._x0(images.flatten(0, 1), generator)
         x0 = x0.view(B, V, *x0.shape[1:])
         reference = None
-        if self.mode == "ema":
+        # drawn only when on, so runs without it keep their exact random stream
+        keep_reference = self.mode == "ema" and not (
+            self.cfg.reference_dropout > 0
+            and float(torch.rand((), generator=generator)) < self.cfg.reference_dropout)
+        if keep_reference:
             ref_x0 = self._x0(batch["reference"].to(self.device), generator)
             ref_cam = camera_vectors_from_c2w(batch["reference_c2w"].to(self.device).float())
             reference = (ref_x0, ref_cam)
@@ -742,7 +756,10 @@ class Finetune:
                                   self.model.info.prediction_type)
         out = unet_forward(self.net, db.x_t, db.t, db.context, db.camera, db.group)
         loss = diffusion_loss(out, db.target, db.num_views, db.group)
-        return loss, {"dropped": float(db.dropped.float().mean())}
+        logs = {"dropped": float(db.dropped.float().mean())}
+        if self.mode == "ema":
+            logs["with_reference"] = float(keep_reference)
+        return loss, logs
 
     def _clip_loss(self, batch: dict, generator: torch.Generator) -> Tuple[Tensor, dict]:
         import open_clip

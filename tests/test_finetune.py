@@ -356,6 +356,36 @@ def test_ema_stage_runs_and_saves_a_plain_model(work, text_run):
     assert (work / "ema-run" / "samples" / "step-0000003.png").is_file()
 
 
+def test_reference_dropout_trains_some_steps_as_inference_runs(work, text_run, monkeypatch):
+    import guidance.mv_unet as mv_unet
+
+    groups = []
+    real = mv_unet.unet_forward
+
+    def spy(net, x, t, context, camera, group):
+        groups.append(group)
+        return real(net, x, t, context, camera, group)
+
+    monkeypatch.setattr(mv_unet, "unet_forward", spy)
+    spec = {"init": str(text_run / "model"), "conditioner": {"model": str(work / "clip")}}
+    seen = {}
+    for p in (0.0, 1.0, 0.5):
+        cfg = build_config(yaml.safe_load(recipe(work, "ema", model=spec,
+                                                 reference_dropout=p).read_text()))
+        job = Finetune(cfg, work / f"refdrop-{p}")
+        batch = next(iter(job.loader))
+        groups.clear()
+        with torch.no_grad():
+            logs = [job.compute_loss(batch, torch.Generator().manual_seed(s))[1]
+                    for s in range(12)]
+        seen[p] = list(groups)
+        # the 5-view group (4 noisy + the clean reference) exactly when the log says so
+        assert [5 if x["with_reference"] else 4 for x in logs] == groups
+    assert set(seen[0.0]) == {5} and set(seen[1.0]) == {4} and set(seen[0.5]) == {4, 5}
+    with pytest.raises(ConfigError, match="reference_dropout: only mode ema"):
+        build_config({"mode": "image", "data": {"root": "x"}, "reference_dropout": 0.5})
+
+
 def test_clip_mode_learns_and_saves_openclip_folder(work):
     from guidance.conditioners import OpenCLIPImageConditioner, OpenCLIPTextConditioner
 
