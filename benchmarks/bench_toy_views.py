@@ -1,4 +1,4 @@
-"""Do the toy model's sampled views show the right object? Scored on the toy world's held-out split.
+"""Do the toy model's sampled views show the right object? Scored on held-out toy objects.
 
     python benchmarks/bench_toy_views.py [--model models/toy/stage2] [--data data/toy]
         [--split heldout] [--limit 20] [--steps 30] [--scale 2] [--seed 0] [--seeds 2]
@@ -42,10 +42,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import trimesh
-    from PIL import Image
 
     from engine import view_scores as vs
-    from guidance.sample import main as sample
+    from guidance.sample import main as sample, read_views
 
     data, out = Path(args.data), Path(args.out)
     if not (data / "dataset.json").is_file():
@@ -70,11 +69,8 @@ def main() -> None:
                            "device=cpu"])
             if code != 0:
                 raise SystemExit(f"guidance.sample failed on {oid}")
-            tiles = np.asarray(Image.open(grid).convert("RGB"))
-            size = tiles.shape[0]
-            samples.setdefault(seed, {})[oid] = np.stack(
-                [tiles[:, (k + 1) * size:(k + 2) * size] for k in range(4)])
-        truths[oid] = vs.ground_truth_views(mesh, size)
+            samples.setdefault(seed, {})[oid] = read_views(grid)
+        truths[oid] = vs.ground_truth_views(mesh, samples[args.seed][oid].shape[1])
     seconds = time.perf_counter() - t0
 
     m = np.mean([vs.iou_matrix(by_object, truths) for by_object in samples.values()], axis=0)

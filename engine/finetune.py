@@ -44,6 +44,7 @@ exits with 130; a non-finite loss aborts with exit code 3.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -189,8 +190,9 @@ class FinetuneConfig:
         if not self.lr > 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
+            hint = did_you_mean(self.lr_schedule, LR_SCHEDULES)
             raise ConfigError(f"lr_schedule: '{self.lr_schedule}' is not one of "
-                              f"{', '.join(LR_SCHEDULES)}{did_you_mean(self.lr_schedule, LR_SCHEDULES)}")
+                              f"{', '.join(LR_SCHEDULES)}{hint}")
         if not 0.0 <= self.average_decay < 1.0:
             raise ConfigError(f"average_decay: must be in [0, 1) (0: off), got "
                               f"{self.average_decay}")
@@ -666,10 +668,19 @@ class Finetune:
 
     # -- checkpoints ----------------------------------------------------------------------
     def _modules(self) -> Dict[str, torch.nn.Module]:
-        live = {"clip": self.clip} if self.mode == "clip" else {"unet": self.model.unet}
+        modules = {"clip": self.clip} if self.mode == "clip" else {"unet": self.model.unet}
         if self.average is not None:
-            live["average"] = self.average.module
-        return live
+            modules["average"] = self.average.module
+        return modules
+
+    @contextlib.contextmanager
+    def _model_with_unet(self, unet: torch.nn.Module):
+        """self.model with ``unet`` in place of the trained one, for the duration."""
+        live, self.model.unet = self.model.unet, unet
+        try:
+            yield self.model
+        finally:
+            self.model.unet = live
 
     def _restore(self, path: Path) -> None:
         from engine import checkpoint
@@ -870,13 +881,10 @@ class Finetune:
 
                 save_openclip_folder(net, self.clip_cfg, folder)
             else:
-                live, self.model.unet = self.model.unet, net
-                try:
-                    self.model.save_pretrained(folder, extra={"finetune": {
+                with self._model_with_unet(net) as model:
+                    model.save_pretrained(folder, extra={"finetune": {
                         "mode": self.mode, "steps": step, "recipe": self.cfg.recipe,
                         "seed": self.cfg.seed, "average_decay": self.cfg.average_decay}})
-                finally:
-                    self.model.unet = live
         acc.wait_for_everyone()
         return folder
 
@@ -894,12 +902,11 @@ class Finetune:
         unet = self.model.unet
         was_training = unet.training
         unet.eval()
-        if self.average is not None:           # sample what save_model will save
-            self.model.unet = self.average.module
+        # sample what save_model will save
         try:
-            rows = self._sample_rows()
+            with self._model_with_unet(self.average.module if self.average else unet):
+                rows = self._sample_rows()
         finally:
-            self.model.unet = unet
             unet.train(was_training)
         if not rows:
             return None

@@ -10,9 +10,10 @@ we know what they should look like. These scores say whether the views show the 
 Across several objects, the matrix of "object i's views against object j's truth" says whether
 the views are the right shape: row i peaking at i (identified), and above all the swap test
 (:func:`swap_test_accuracy`), which is blind to size. benchmarks/bench_toy_views.py reports
-both on the held-out split; tests/test_toy_behaviour.py uses them on examples/toy. Cameras follow guidance.sample's defaults: elevation 15,
-azimuths 0/90/180/270, framed as the toy world frames its canonical front view (fovy 40,
-bounding sphere filling 80% of the frame).
+both on the held-out split; tests/test_toy_behaviour.py uses them on examples/toy.
+
+Cameras follow guidance.sample's defaults: elevation 15, azimuths 0/90/180/270, framed as the
+toy world frames its canonical front view (fovy 40, bounding sphere filling 80% of the frame).
 """
 
 from __future__ import annotations

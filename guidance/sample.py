@@ -145,6 +145,20 @@ def run(argv: List[str]) -> int:
     return 0
 
 
+def read_views(path, with_input: bool = True):
+    """The views of a grid :func:`run` wrote: uint8 [V, S, S, 3] (square tiles side by side;
+    the input picture, first when ``with_input``, is left out)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        tiles = np.asarray(im.convert("RGB"))
+    size = tiles.shape[0]
+    first = 1 if with_input else 0
+    return np.stack([tiles[:, k * size:(k + 1) * size]
+                     for k in range(first, tiles.shape[1] // size)])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from engine.errors import run_cli
 

@@ -165,13 +165,20 @@ def test_missing_weights_fail_at_start_with_one_line(rgba_image, tmp_path, capsy
 def test_sample_cli_writes_a_grid_of_views(image_model_dir, rgba_image, tmp_path, capsys):
     from PIL import Image
 
-    from guidance.sample import main as sample_main
+    import numpy as np
+
+    from guidance.sample import main as sample_main, read_views
 
     out = tmp_path / "views.png"
     assert sample_main([f"image={rgba_image}", f"out={out}", f"model={image_model_dir}",
                         "steps=2", "device=cpu"]) == 0
     grid = Image.open(out)
     assert grid.size == (5 * 16, 16)                    # the input, then 4 views of 16 px
+    views = read_views(out)
+    pixels = np.asarray(grid.convert("RGB"))
+    assert views.shape == (4, 16, 16, 3)
+    assert np.array_equal(views[0], pixels[:, 16:32]) and np.array_equal(views[3], pixels[:, 64:])
+    assert read_views(out, with_input=False).shape == (5, 16, 16, 3)
     assert sample_main([f"out={out}"]) == 2
     assert "image=PATH or prompt=TEXT" in capsys.readouterr().err
     assert sample_main([f"image={rgba_image}", f"out={out}", "object_fraction=1.5"]) == 2

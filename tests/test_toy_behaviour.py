@@ -29,9 +29,7 @@ SEEDS = (0, 1)
 def samples(tmp_path_factory):
     """{seed: {example: uint8 [4, S, S, 3] views sampled by guidance.sample from its picture}}.
     Two seeds: with one, a pattern in one view's starting noise can show in every example."""
-    from PIL import Image
-
-    from guidance.sample import main
+    from guidance.sample import main, read_views
 
     out = tmp_path_factory.mktemp("samples")
     views = {}
@@ -42,10 +40,7 @@ def samples(tmp_path_factory):
                          f"model={MODELS / 'stage2'}", "steps=30", "scale=2", f"seed={seed}",
                          "device=cpu", f"elevation={vs.SAMPLE_ELEVATION}",
                          "object_fraction=0.7"]) == 0
-            tiles = np.asarray(Image.open(grid).convert("RGB"))
-            size = tiles.shape[0]
-            views.setdefault(seed, {})[name] = np.stack(
-                [tiles[:, (k + 1) * size:(k + 2) * size] for k in range(4)])
+            views.setdefault(seed, {})[name] = read_views(grid)
     return views
 
 
