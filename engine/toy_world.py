@@ -327,6 +327,11 @@ def _pick_colours(rng: np.random.Generator, kind: str, slots: int) -> List[str]:
     return names
 
 
+def display_name(kind: str) -> str:
+    """The class name captions use for ``kind`` ("lshape" -> "L-shaped block")."""
+    return _BUILDERS[kind][0]
+
+
 def caption_for(display: str, colours: Sequence[str]) -> str:
     """"a red table", "an orange and blue snowman"."""
     unique = list(dict.fromkeys(colours))

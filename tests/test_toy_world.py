@@ -80,10 +80,16 @@ def test_cameras_spacing_elevations_and_front_view(generated):
 def test_captions_name_colours_and_class(generated):
     root, _ = generated
     for oid, rec in _records(root / "a"):
-        display = tw._BUILDERS[rec["kind"]][0]
+        display = tw.display_name(rec["kind"])
         assert rec["caption"].endswith(display)
         for c in rec["colors"]:
             assert c in tw.PALETTE and c in rec["caption"]
+        # kind + colours rebuild the caption exactly: the zero-shot CLIP bench builds the
+        # other kinds' captions this way
+        assert tw.caption_for(display, rec["colors"]) == rec["caption"]
+    assert tw.display_name("lshape") == "L-shaped block"
+    assert tw.caption_for("snowman", ["orange", "blue"]) == "an orange and blue snowman"
+    assert tw.caption_for("mug", ["red", "red"]) == "a red mug"
 
 
 def _load_rgba(path: Path) -> np.ndarray:
