@@ -1,7 +1,7 @@
 """``python -m engine.toy_models``: re-create the toy models from scratch, seeded.
 
     python -m engine.toy_models [out=models/toy] [data=data/toy] [count=200] [heldout=20]
-        [seed=0] [steps_scale=1.0] [device=auto] [threads=0]
+        [heldout_pool=0] [seed=0] [steps_scale=1.0] [device=auto] [threads=0]
 
 The chain (../shared/DESIGN.md section 5), each step through the same commands a user runs:
 
@@ -29,8 +29,8 @@ from typing import List, Optional
 
 STAGES = (("clip", "toy-clip"), ("text", "toy-text"), ("stage1", "toy-image"),
           ("stage2", "toy-ema"))
-DEFAULTS = dict(out="models/toy", data="data/toy", count=200, heldout=20, seed=0,
-                steps_scale=1.0, device="auto", threads=0)
+DEFAULTS = dict(out="models/toy", data="data/toy", count=200, heldout=20, heldout_pool=0,
+                seed=0, steps_scale=1.0, device="auto", threads=0)
 #: side of the toy world's renders the models train on
 DATA_SIZE = 64
 
@@ -53,6 +53,8 @@ def parse(argv: List[str]) -> dict:
             raise ConfigError(f"{key}: expected {kind.__name__}, got '{value}'") from None
     if args["count"] < 2 or not 1 <= args["heldout"] < args["count"]:
         raise ConfigError("count must be >= 2 and 1 <= heldout < count")
+    if not (args["heldout_pool"] == 0 or args["heldout"] <= args["heldout_pool"] <= args["count"]):
+        raise ConfigError("heldout_pool must be 0 (all objects) or in [heldout, count]")
     if args["steps_scale"] <= 0:
         raise ConfigError("steps_scale must be > 0")
     return args
@@ -74,7 +76,8 @@ def run(argv: List[str]) -> int:
     out, data = Path(args["out"]), Path(args["data"])
     if not (data / "dataset.json").is_file():
         toy_world.generate(data, count=args["count"], heldout=args["heldout"],
-                           seed=args["seed"], size=DATA_SIZE)
+                           seed=args["seed"], size=DATA_SIZE,
+                           heldout_pool=args["heldout_pool"])
     runs = out / "runs"
     models = {}
     for name, recipe in STAGES:

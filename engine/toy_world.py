@@ -1,7 +1,7 @@
 """The toy world: procedural coloured objects rendered into a multi-view dataset.
 
-    python -m engine.toy_world out=DIR [count=200] [heldout=20] [seed=0] [size=64]
-        [groups=2] [references=2]
+    python -m engine.toy_world out=DIR [count=200] [heldout=20] [heldout_pool=0] [seed=0]
+        [size=64] [groups=2] [references=2]
 
 Each object is a primitive or a small composition of primitives (a table, a mushroom, a
 snowman, ...) with one or two named colours, random proportions, in the engine's z-up frame:
@@ -16,8 +16,11 @@ first reference, r0.png) and ``references`` free reference views (random azimuth
 in [-10, 40]). The lighting is a fixed world light baked into vertex colours,
 albedo * (0.6 + 0.4 max(0, n.l)), so every view shows the same view-independent colour field.
 The ground truth (the union of the parts, watertight, vertex colours) is kept as mesh.obj.
-Object i depends only on (seed, i); the held-out split is a seeded subset. Output is
-byte-identical for the same arguments.
+Object i depends only on (seed, i); the held-out split is a seeded subset of the first
+``heldout_pool`` objects (0: of all), so a bigger world made with the same seed and
+``heldout_pool`` keeps a smaller one's objects and its held-out set (count=2000
+heldout_pool=200 holds out what count=200 does). Output is byte-identical for the same
+arguments.
 """
 
 from __future__ import annotations
@@ -525,30 +528,39 @@ def object_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(index)])
 
 
-def split_ids(ids: Sequence[str], heldout: int, seed: int) -> Dict[str, List[str]]:
-    """Seeded held-out subset (kept in id order) and the rest as train."""
-    pick = set(np.random.default_rng([int(seed), 104729]).choice(len(ids), heldout,
+def split_ids(ids: Sequence[str], heldout: int, seed: int, pool: int = 0
+              ) -> Dict[str, List[str]]:
+    """Seeded held-out subset of the first ``pool`` ids (0: all; kept in id order) and the
+    rest as train."""
+    pool = pool or len(ids)
+    pick = set(np.random.default_rng([int(seed), 104729]).choice(pool, heldout,
                                                                   replace=False).tolist())
     return {"train": [o for i, o in enumerate(ids) if i not in pick],
             "heldout": [o for i, o in enumerate(ids) if i in pick]}
 
 
 def generate(out, count: int = 200, heldout: int = 20, seed: int = 0, size: int = 64,
-             groups: int = 2, references: int = 2, log: Optional[Callable[[str], None]] = None
-             ) -> dict:
+             groups: int = 2, references: int = 2, log: Optional[Callable[[str], None]] = None,
+             heldout_pool: int = 0) -> dict:
     """Write a toy-world dataset to ``out``; returns a summary (ids, splits, seconds)."""
+    if not 0 <= heldout <= (heldout_pool or count) <= count:
+        from engine.errors import ConfigError
+        raise ConfigError(f"need 0 <= heldout ({heldout}) <= heldout_pool ({heldout_pool}; "
+                          f"0: all) <= count ({count})")
     out = Path(out)
     threads = torch.get_num_threads()
     # the renders are small: one thread is faster than contending for the cores, and the
     # output does not depend on the machine's core count
     torch.set_num_threads(1)
     try:
-        return _generate(out, count, heldout, seed, size, groups, references, log)
+        return _generate(out, count, heldout, seed, size, groups, references, log,
+                         heldout_pool)
     finally:
         torch.set_num_threads(threads)
 
 
-def _generate(out: Path, count, heldout, seed, size, groups, references, log) -> dict:
+def _generate(out: Path, count, heldout, seed, size, groups, references, log,
+              heldout_pool) -> dict:
     from engine.mvdataset import write_index, write_object
 
     kinds = np.random.default_rng([int(seed), 7]).permutation(len(KINDS))
@@ -568,7 +580,7 @@ def _generate(out: Path, count, heldout, seed, size, groups, references, log) ->
         ids.append(oid)
         if log and (i + 1) % 50 == 0:
             log(f"{i + 1}/{count} objects")
-    splits = split_ids(ids, heldout, seed)
+    splits = split_ids(ids, heldout, seed, heldout_pool)
     write_index(out, ids, splits, size)
     seconds = time.perf_counter() - t0
     return {"ids": ids, "splits": splits, "seconds": seconds,
@@ -579,7 +591,8 @@ def _generate(out: Path, count, heldout, seed, size, groups, references, log) ->
 # command line
 # ---------------------------------------------------------------------------------------
 
-_DEFAULTS = {"count": 200, "heldout": 20, "seed": 0, "size": 64, "groups": 2, "references": 2}
+_DEFAULTS = {"count": 200, "heldout": 20, "heldout_pool": 0, "seed": 0, "size": 64,
+             "groups": 2, "references": 2}
 
 
 def parse_args(argv: List[str]) -> dict:
@@ -605,9 +618,13 @@ def parse_args(argv: List[str]) -> dict:
     args = {**_DEFAULTS, **args}
     if args["count"] < 1 or args["groups"] < 1 or args["references"] < 0:
         raise ConfigError("count and groups must be >= 1 and references >= 0")
-    if not 0 <= args["heldout"] <= args["count"]:
-        raise ConfigError(f"heldout: must be in [0, count={args['count']}], got "
-                          f"{args['heldout']}")
+    pool = args["heldout_pool"] or args["count"]
+    if not 0 <= pool <= args["count"]:
+        raise ConfigError(f"heldout_pool: must be in [0, count={args['count']}] (0: all "
+                          f"objects), got {args['heldout_pool']}")
+    if not 0 <= args["heldout"] <= pool:
+        raise ConfigError(f"heldout: must be in [0, {pool}] (count, or heldout_pool when "
+                          f"set), got {args['heldout']}")
     if args["size"] < 16:
         raise ConfigError(f"size: must be >= 16 pixels, got {args['size']}")
     out = Path(args["out"])

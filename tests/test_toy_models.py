@@ -42,6 +42,8 @@ def test_rerun_skips_finished_trainings(chain, capsys):
 def test_bad_keys_are_user_errors(capsys):
     assert main(["steps_scal=2"]) == 2
     assert "did you mean 'steps_scale'" in capsys.readouterr().err
+    assert main(["count=10", "heldout=2", "heldout_pool=11"]) == 2
+    assert "heldout_pool" in capsys.readouterr().err
 
 
 def test_manifest_records_command_and_trainings(chain):

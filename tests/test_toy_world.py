@@ -204,7 +204,22 @@ def test_cli(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "did you mean 'count'" in err
     assert tw.main([f"out={out}", "count=2", "heldout=3"]) == 2
+    assert tw.main([f"out={out}", "count=4", "heldout=2", "heldout_pool=5"]) == 2
+    assert "heldout_pool" in capsys.readouterr().err
+    assert tw.main([f"out={out}", "count=4", "heldout=3", "heldout_pool=2"]) == 2
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("keep me")
     assert tw.main([f"out={tmp_path / 'other'}"]) == 2
     assert (tmp_path / "other" / "x.txt").read_text() == "keep me"
+
+
+def test_heldout_pool_keeps_a_smaller_worlds_split():
+    small = [f"obj_{i:05d}" for i in range(200)]
+    big = [f"obj_{i:05d}" for i in range(2000)]
+    held = tw.split_ids(small, 20, 0)["heldout"]
+    # the shipped toy models' held-out set (README, examples/toy): it must not move
+    assert held[:5] == ["obj_00015", "obj_00021", "obj_00029", "obj_00045", "obj_00047"]
+    bigger = tw.split_ids(big, 20, 0, pool=200)
+    assert bigger["heldout"] == held
+    assert len(bigger["train"]) == 1980 and not set(bigger["train"]) & set(held)
+    assert tw.split_ids(big, 20, 0)["heldout"] != held        # no pool: drawn from all 2000
