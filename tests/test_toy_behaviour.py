@@ -77,19 +77,53 @@ def test_sampled_views_have_the_input_colour_and_sit_where_the_object_is(samples
             assert ious.mean() > 0.3 and ious.min() > 0.1, (name, seed, ious)
 
 
-def test_sampled_views_have_the_shape_of_their_own_object(samples):
-    """Shape, blind to size: for every pair of examples, the views of each fit its own
-    truth's silhouettes better than the other's (the swap test, engine.view_scores; chance
-    0.5), averaged over the seeds. All four examples are of different kinds (mug, vase, box,
-    mushroom), so this is the shape class as far as four views' silhouettes tell it.
-    benchmarks/bench_toy_views.py measures the same on the 20 held-out objects."""
-    size = samples[SEEDS[0]][NAMES[0]].shape[1]
-    truth = {n: ground_truth_views(n, size) for n in NAMES}
-    m = np.mean([vs.iou_matrix(samples[seed], truth) for seed in SEEDS], axis=0)
-    assert vs.swap_test_accuracy(m) >= 5 / 6, m.round(3)
-    # and each example's own truth is nearer than the mean of the others' truths
-    others = (m.sum(axis=1) - np.diag(m)) / (len(NAMES) - 1)
-    assert (np.diag(m) > others).sum() >= 3, m.round(3)
+#: a toy world the models never saw (they trained on seed 0): one object of each kind
+UNSEEN_SEED, UNSEEN_COUNT = 1, 16
+
+
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory):
+    """(truths {id: uint8 [4, S, S, 4]}, kinds, samples {seed: {id: views}}) for 16 objects
+    of a fresh toy world (seed 1: none of them was trained on; the kinds cycle, so one of
+    each), front view in, sampled as the examples are."""
+    import trimesh
+
+    from engine.toy_world import generate
+    from guidance.sample import main, read_views
+
+    root = tmp_path_factory.mktemp("unseen")
+    data = root / "data"
+    generate(data, count=UNSEEN_COUNT, heldout=0, seed=UNSEEN_SEED, groups=1, references=0)
+    ids = [f"obj_{i:05d}" for i in range(UNSEEN_COUNT)]
+    kinds = [json.loads((data / i / "object.json").read_text())["kind"] for i in ids]
+    samples, truths = {}, {}
+    for oid in ids:
+        for seed in SEEDS:
+            grid = root / f"{oid}-{seed}.png"
+            assert main([f"image={data / oid / 'r0.png'}", f"out={grid}",
+                         f"model={MODELS / 'stage2'}", "steps=30", "scale=2", f"seed={seed}",
+                         "device=cpu", f"elevation={vs.SAMPLE_ELEVATION}",
+                         "object_fraction=0.7"]) == 0
+            samples.setdefault(seed, {})[oid] = read_views(grid)
+        mesh = trimesh.load(data / oid / "mesh.obj", force="mesh", process=False)
+        truths[oid] = vs.ground_truth_views(mesh, samples[SEEDS[0]][oid].shape[1])
+    return truths, kinds, samples
+
+
+def test_sampled_views_have_the_shape_of_their_own_object(unseen):
+    """Shape, blind to size, on 16 objects of 16 kinds the models never saw: for a pair of
+    objects, the views of each fit its own truth's silhouettes better than the other's (the
+    swap test, engine.view_scores; chance 0.5), silhouette IoU averaged over 2 seeds; 120
+    pairs. Measured with the shipped stage 2: 0.80 (the previous, 6500-step stage 2 without
+    reference dropout: 0.69). benchmarks/bench_toy_views.py measures the same on the 20
+    held-out objects of the models' own world."""
+    truths, kinds, samples = unseen
+    m = np.mean([vs.iou_matrix(samples[seed], truths) for seed in SEEDS], axis=0)
+    assert len(set(kinds)) == UNSEEN_COUNT
+    assert vs.swap_test_accuracy(m) >= 0.7, m.round(3)
+    # and most objects' own truth is nearer than the mean of the others' truths
+    others = (m.sum(axis=1) - np.diag(m)) / (len(m) - 1)
+    assert (np.diag(m) > others).mean() >= 0.6, m.round(3)
 
 
 def test_isotropic3d_toy_beats_the_initial_blob(tmp_path):
