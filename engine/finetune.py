@@ -649,6 +649,8 @@ class Finetune:
                                            lr=lr_at(0, cfg.lr, cfg.warmup),
                                            betas=tuple(cfg.betas))
         self.resume_info: Dict[str, Any] = {}
+        self.elapsed_before = 0.0          # wall seconds of the run before this process
+        self._run_started: Optional[float] = None
         if resume is not None:
             self._restore(resume)
         self.sampler = StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed,
@@ -697,7 +699,15 @@ class Finetune:
         if self.average is not None:
             self.average.updates = int(info.get("average_updates", 0))
         self.start_step = int(info["step"])
+        # the wall time already spent, so the log (and toy_models' manifest) counts the whole
+        # training, not only the part since the last resume
+        self.elapsed_before = float(info.get("elapsed_s") or 0.0)
         self.resume_info = info
+
+    def elapsed(self) -> float:
+        """Wall seconds of training so far, the time before a resume included."""
+        started = self._run_started
+        return self.elapsed_before + (time.time() - started if started is not None else 0.0)
 
     def save_checkpoint(self, step: int) -> Optional[Path]:
         from engine import checkpoint
@@ -709,6 +719,7 @@ class Finetune:
             folder = self.out / "checkpoints"
             path = folder / checkpoint.checkpoint_name(0, self.mode, step)
             info = {"step": step, "mode": self.mode, "recipe": self.cfg.recipe,
+                    "elapsed_s": round(self.elapsed(), 2),
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                     "average_updates": self.average.updates if self.average else None}
             checkpoint.save(path, modules=self._modules(), optimizer=self.optimizer, info=info)
@@ -813,7 +824,7 @@ class Finetune:
             _truncate_metrics(metrics, self.start_step)
         step = self.start_step
         window: List[float] = []
-        t0 = time.time()
+        self._run_started = time.time()
         params = [p for p in self.trainable.parameters() if p.requires_grad]
         try:
             for batch in self.loader:
@@ -839,7 +850,7 @@ class Finetune:
                 step += 1
                 window.append(float(acc.gather(loss.detach()[None]).mean()))
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    self._log(metrics, step, window, lr, grad_norm, logs, time.time() - t0)
+                    self._log(metrics, step, window, lr, grad_norm, logs, self.elapsed())
                     window = []
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
                         and step < cfg.steps:
