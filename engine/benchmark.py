@@ -40,10 +40,13 @@ from engine.toy_models import DATA_SIZE, DEFAULTS as TOY_MODELS_DEFAULTS
 
 INITIAL = "initial"
 BENCH_KEYS = ("bench", "recipe", "out", "objects", "seed", "data", "initial_from", "samples")
-# the fixed dataset: the one the shipped toy models were trained on (python -m
-# engine.toy_models defaults), so its held-out split is unseen by them; object i is the same
-# whatever the count, but the split is not, so a smaller dataset would leak training objects
-DATA_COUNT, DATA_HELDOUT = TOY_MODELS_DEFAULTS["count"], TOY_MODELS_DEFAULTS["heldout"]
+# the held-out split of the dataset the shipped toy models were trained on (python -m
+# engine.toy_models defaults), unseen by them. Object i is the same whatever the count, and
+# the held-out objects are drawn among the first heldout_pool (0: all), so a world of
+# heldout_pool objects has the same held-out split for less making; a world of another size
+# without the pool would draw other objects and leak training ones.
+DATA_COUNT = TOY_MODELS_DEFAULTS["heldout_pool"] or TOY_MODELS_DEFAULTS["count"]
+DATA_HELDOUT = TOY_MODELS_DEFAULTS["heldout"]
 METRICS = ("chamfer", "volume_iou", "f_score", "psnr", "ssim", "seconds")
 # runs inside the benchmark: no per-run bars (the benchmark has its own) and no turntable
 RUN_DEFAULTS = ("output.progress=false",)

@@ -162,3 +162,17 @@ def test_shape_swap_prefers_own_truths(tmp_path):
     assert swap["right"] == 1.0
     assert swap["wrong"] == 0.0
     assert swap["broken"] is None
+
+
+def test_bench_world_holds_out_what_the_toy_models_never_saw():
+    """The benchmark makes a smaller world than the models trained on; its held-out split
+    must still be exactly theirs (else it would score objects they trained on)."""
+    from engine.benchmark import DATA_COUNT, DATA_HELDOUT
+    from engine.toy_models import DEFAULTS
+    from engine.toy_world import split_ids
+
+    ids = [f"obj_{i:05d}" for i in range(DEFAULTS["count"])]
+    trained_on = split_ids(ids, DEFAULTS["heldout"], DEFAULTS["seed"], DEFAULTS["heldout_pool"])
+    bench = split_ids(ids[:DATA_COUNT], DATA_HELDOUT, DEFAULTS["seed"])
+    assert bench["heldout"] == trained_on["heldout"]
+    assert not set(bench["heldout"]) & set(trained_on["train"])
