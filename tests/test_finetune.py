@@ -270,22 +270,19 @@ def test_text_run_outputs_and_resume_is_exact(work, text_run):
 
 def test_resumed_run_logs_the_whole_training_time(work, text_run):
     """elapsed_s counts the time before the resume too (toy_models' manifest reports it)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from engine.checkpoint import META_KEY
+    from engine import checkpoint
 
     copy = work / "text-resumed-clock"
     copy.mkdir()
     shutil.copy(text_run / "config.yaml", copy / "config.yaml")
     (copy / "checkpoints").mkdir()
     ckpt = copy / "checkpoints" / "00-text-0000002.safetensors"
-    with safe_open(str(text_run / "checkpoints" / ckpt.name), "pt") as f:
-        meta = json.loads(f.metadata()[META_KEY])
+    tensors, meta = checkpoint.load(text_run / "checkpoints" / ckpt.name)
     assert meta["info"]["elapsed_s"] > 0
     meta["info"]["elapsed_s"] = 1000.0          # as if the first two steps took 1000 s
-    save_file(load_file(str(text_run / "checkpoints" / ckpt.name)), str(ckpt),
-              metadata={META_KEY: json.dumps(meta)})
+    save_file(tensors, str(ckpt), metadata={checkpoint.META_KEY: json.dumps(meta)})
     assert main([f"resume={copy}"]) == 0
     after = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in after] == [3, 4]

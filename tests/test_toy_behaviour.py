@@ -25,22 +25,27 @@ def ground_truth_views(name: str, size: int) -> np.ndarray:
 SEEDS = (0, 1)
 
 
+def sample_views(image, grid, seed: int) -> np.ndarray:
+    """uint8 [4, S, S, 3]: the shipped stage 2's views of ``image`` by guidance.sample, with
+    the settings every behaviour test samples with (written to ``grid``)."""
+    from guidance.sample import main, read_views
+
+    assert main([f"image={image}", f"out={grid}", f"model={MODELS / 'stage2'}", "steps=30",
+                 "scale=2", f"seed={seed}", "device=cpu", f"elevation={vs.SAMPLE_ELEVATION}",
+                 "object_fraction=0.7"]) == 0
+    return read_views(grid)
+
+
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
     """{seed: {example: uint8 [4, S, S, 3] views sampled by guidance.sample from its picture}}.
     Two seeds: with one, a pattern in one view's starting noise can show in every example."""
-    from guidance.sample import main, read_views
-
     out = tmp_path_factory.mktemp("samples")
     views = {}
     for seed in SEEDS:
         for name in NAMES:
-            grid = out / f"{name}-{seed}.png"
-            assert main([f"image={EXAMPLES / name}.png", f"out={grid}",
-                         f"model={MODELS / 'stage2'}", "steps=30", "scale=2", f"seed={seed}",
-                         "device=cpu", f"elevation={vs.SAMPLE_ELEVATION}",
-                         "object_fraction=0.7"]) == 0
-            views.setdefault(seed, {})[name] = read_views(grid)
+            views.setdefault(seed, {})[name] = sample_views(
+                f"{EXAMPLES / name}.png", out / f"{name}-{seed}.png", seed)
     return views
 
 
@@ -89,7 +94,6 @@ def unseen(tmp_path_factory):
     import trimesh
 
     from engine.toy_world import generate
-    from guidance.sample import main, read_views
 
     root = tmp_path_factory.mktemp("unseen")
     data = root / "data"
@@ -99,12 +103,8 @@ def unseen(tmp_path_factory):
     samples, truths = {}, {}
     for oid in ids:
         for seed in SEEDS:
-            grid = root / f"{oid}-{seed}.png"
-            assert main([f"image={data / oid / 'r0.png'}", f"out={grid}",
-                         f"model={MODELS / 'stage2'}", "steps=30", "scale=2", f"seed={seed}",
-                         "device=cpu", f"elevation={vs.SAMPLE_ELEVATION}",
-                         "object_fraction=0.7"]) == 0
-            samples.setdefault(seed, {})[oid] = read_views(grid)
+            samples.setdefault(seed, {})[oid] = sample_views(
+                data / oid / "r0.png", root / f"{oid}-{seed}.png", seed)
         mesh = trimesh.load(data / oid / "mesh.obj", force="mesh", process=False)
         truths[oid] = vs.ground_truth_views(mesh, samples[SEEDS[0]][oid].shape[1])
     return truths, kinds, samples
