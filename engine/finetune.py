@@ -116,6 +116,10 @@ class ModelConfig:
     # init random: what the UNet predicts, epsilon (MVDream) | v_prediction (small pixel models
     # learn clean samples sooner); a loaded model keeps its own
     prediction_type: str = "epsilon"
+    # init random: the noise schedule it trains on, scaled-linear (MVDream's) |
+    # zero-terminal-snr (guidance.model.NOISE_SCHEDULES; needs v_prediction); a loaded model
+    # keeps its own
+    noise_schedule: str = "scaled-linear"
     clip: Dict[str, Any] = field(default_factory=dict)  # clip, init random: OpenCLIP model_cfg
                                                         # ({}: guidance.conditioners' tiny one)
 
@@ -128,6 +132,15 @@ class ModelConfig:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type: '{self.prediction_type}' is not epsilon or "
                               "v_prediction")
+        from guidance.model import NOISE_SCHEDULES
+
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise ConfigError(f"noise_schedule: '{self.noise_schedule}' is not one of "
+                              f"{', '.join(NOISE_SCHEDULES)}"
+                              f"{did_you_mean(self.noise_schedule, NOISE_SCHEDULES)}")
+        if self.noise_schedule != "scaled-linear" and self.prediction_type != "v_prediction":
+            raise ConfigError(f"noise_schedule: {self.noise_schedule} needs prediction_type: "
+                              "v_prediction (at its last step epsilon is x_t itself)")
 
 
 @dataclass
@@ -532,7 +545,7 @@ def build_diffusion_model(cfg: FinetuneConfig):
         return MultiViewDiffusionModel.build_random(
             unet_cfg, m.space, conditioner=cond, vae_config=m.vae, trainable=True,
             seed=mix_seed(cfg.seed, 3), num_views=V, conditioning=need,
-            prediction_type=m.prediction_type)
+            prediction_type=m.prediction_type, noise_schedule=m.noise_schedule)
     index = read_index(Path(m.init))
     saved = (index.get("components") or {}).get("conditioner")
     saved_kind = index["info"].get("conditioning")

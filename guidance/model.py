@@ -2,9 +2,9 @@
 
 One object answers everything SDS and sampling need: ``encode`` / ``decode`` between renders
 and the model's space (SD KL-f8 latents scaled by 0.18215, or pixels in [-1, 1]),
-``add_noise`` / ``predict_x0`` on the scaled-linear DDPM schedule (betas 0.00085..0.012,
-1000 steps, epsilon prediction), ``predict_noise`` (the multi-view UNet) and the context
-embeddings.
+``add_noise`` / ``predict_x0`` on the model's DDPM schedule (MVDream's scaled-linear betas
+0.00085..0.012, 1000 steps, unless the model was trained on another, see
+:data:`NOISE_SCHEDULES`), ``predict_noise`` (the multi-view UNet) and the context embeddings.
 
 On disk it is a diffusers-style folder::
 
@@ -48,6 +48,34 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                         beta_schedule="scaled_linear", prediction_type="epsilon",
                         clip_sample=False)
+
+#: named noise schedules a model can be trained on (``model.noise_schedule`` of a fine-tuning
+#: recipe, stored in the model's scheduler_config.json): changes to SCHEDULER_KWARGS.
+#: ``zero-terminal-snr`` rescales MVDream's betas so the last step is pure noise (Lin et al.
+#: 2024, "Common diffusion noise schedules and sample steps are flawed"). On the scaled-linear
+#: schedule x_999 keeps sqrt(alpha_bar) = 0.068 of the image; on a small pixel-space model with
+#: a white background that is enough for the silhouette to show through the noise, so the model
+#: learns to read the shape off x_T, and at sampling, where x_T is pure noise, it reads a shape
+#: off the noise instead. Needs v prediction (at t = 999 epsilon is x_t itself) and samplers
+#: that start at t = 999 ("trailing" spacing).
+NOISE_SCHEDULES = {
+    "scaled-linear": {},
+    "zero-terminal-snr": dict(rescale_betas_zero_snr=True, timestep_spacing="trailing"),
+}
+
+
+def scheduler_config_for(noise_schedule: str) -> dict:
+    """DDPMScheduler kwargs of a named schedule (:data:`NOISE_SCHEDULES`)."""
+    if noise_schedule not in NOISE_SCHEDULES:
+        raise ConfigError(f"noise_schedule: '{noise_schedule}' is not one of "
+                          f"{', '.join(NOISE_SCHEDULES)}")
+    return dict(SCHEDULER_KWARGS, **NOISE_SCHEDULES[noise_schedule])
+
+
+#: the smallest alpha_bar kept: a zero-terminal-SNR schedule's last step has exactly 0, which
+#: turns x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) into a division by zero (diffusers' samplers
+#: clamp the same way)
+MIN_ALPHA_CUMPROD = 2.0 ** -24
 
 #: Stable Diffusion's KL-f8 autoencoder (diffusers AutoencoderKL kwargs)
 SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4,
@@ -156,7 +184,7 @@ class MultiViewDiffusionModel(nn.Module):
         self.scheduler_config = {k: v for k, v in scheduler_config.items()
                                  if not k.startswith("_")}
         self.scheduler_config["prediction_type"] = info.prediction_type
-        alphas = scheduler.alphas_cumprod.detach().float().clone()
+        alphas = scheduler.alphas_cumprod.detach().float().clone().clamp_(min=MIN_ALPHA_CUMPROD)
         self._alphas_cpu = alphas
         self.register_buffer("alphas_cumprod", alphas.clone(), persistent=False)
         self._check_context_dim()
@@ -167,14 +195,16 @@ class MultiViewDiffusionModel(nn.Module):
     def build_random(cls, unet_cfg: MultiViewUNetConfig, space: str = "latent",
                      conditioner: Optional[nn.Module] = None, vae_config: Optional[dict] = None,
                      trainable: bool = False, seed: Optional[int] = None,
-                     init_std: Optional[float] = None, **info_overrides
-                     ) -> "MultiViewDiffusionModel":
+                     init_std: Optional[float] = None, noise_schedule: str = "scaled-linear",
+                     **info_overrides) -> "MultiViewDiffusionModel":
         """A model with random weights (tests, training from scratch).
 
         ``vae_config``: AutoencoderKL kwargs for latent space (default SD KL-f8).
         ``init_std``: redraw every UNet weight from N(0, init_std) (diffusers zero-initialises
-        some layers; tests want non-trivial outputs). ``info_overrides``: ModelInfo fields.
+        some layers; tests want non-trivial outputs). ``noise_schedule``: a name of
+        :data:`NOISE_SCHEDULES`. ``info_overrides``: ModelInfo fields.
         """
+        scheduler_config = scheduler_config_for(noise_schedule)
         if space not in SPACES:
             raise ConfigError(f"space: '{space}' is not one of {', '.join(SPACES)}")
         with torch.random.fork_rng(devices=[]):
@@ -200,8 +230,13 @@ class MultiViewDiffusionModel(nn.Module):
                     else LATENT_SCALE,
                     conditioning=getattr(conditioner, "kind", "image"))
         info.update(info_overrides)
+        if (noise_schedule != "scaled-linear"
+                and info.get("prediction_type", "epsilon") != "v_prediction"):
+            raise ConfigError(f"noise_schedule: {noise_schedule} needs prediction_type: "
+                              "v_prediction (its last step is pure noise, where epsilon is "
+                              "x_t itself and says nothing about the image)")
         return cls(unet, ModelInfo(**info), vae=vae, conditioner=conditioner,
-                   trainable=trainable)
+                   scheduler_config=scheduler_config, trainable=trainable)
 
     def set_trainable(self, trainable: bool) -> None:
         """trainable: the UNet learns (train mode); VAE and conditioner stay frozen."""
@@ -267,6 +302,15 @@ class MultiViewDiffusionModel(nn.Module):
         """See :func:`predict_x0`."""
         return predict_x0(x_t, t, eps, self.alphas_cumprod)
 
+    def predict_output(self, x_t: Tensor, t: Tensor, context: Tensor, camera: Tensor,
+                       num_views: int) -> Tensor:
+        """The UNet's own output, epsilon or v as ``info.prediction_type`` says (samplers on a
+        zero-terminal-SNR schedule need v: at its last step epsilon is x_t). Shapes, dtype
+        and differentiability as :meth:`predict_noise`."""
+        out = unet_forward(self.unet, x_t.to(self.dtype), t.to(x_t.device),
+                           context.to(self.dtype), camera.to(self.dtype), num_views)
+        return out.to(x_t.dtype)
+
     def predict_noise(self, x_t: Tensor, t: Tensor, context: Tensor, camera: Tensor,
                       num_views: int) -> Tensor:
         """Epsilon for a view-contiguous batch, whatever the UNet predicts (a v output is
@@ -276,12 +320,10 @@ class MultiViewDiffusionModel(nn.Module):
         Runs in the model's dtype; returns x_t's dtype. Differentiable with respect to x_t,
         context and camera (and the UNet weights when trainable).
         """
-        dtype = self.dtype
-        out = unet_forward(self.unet, x_t.to(dtype), t.to(x_t.device), context.to(dtype),
-                           camera.to(dtype), num_views)
+        out = self.predict_output(x_t, t, context, camera, num_views)
         if self.info.prediction_type == "v_prediction":
-            out = eps_from_v(x_t, t, out, self.alphas_cumprod)
-        return out.to(x_t.dtype)
+            out = eps_from_v(x_t, t, out, self.alphas_cumprod).to(x_t.dtype)
+        return out
 
     # -- conditioning ------------------------------------------------------------------
     def _need_conditioner(self, kind: str) -> nn.Module:

@@ -67,6 +67,24 @@ def parse_args(argv: List[str]) -> SampleArgs:
 
 
 @torch.no_grad()
+def ddim_scheduler(model, clip_sample: bool):
+    """DDIM on the model's own training schedule and parametrisation (scheduler_config.json):
+    MVDream's scaled-linear betas with "leading" steps offset by 1, or a zero-terminal-SNR
+    schedule whose "trailing" steps start at t = 999, where x_T is pure noise."""
+    from diffusers import DDIMScheduler
+
+    cfg = model.scheduler_config
+    spacing = cfg.get("timestep_spacing", "leading")
+    return DDIMScheduler(
+        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+        beta_start=cfg.get("beta_start", 0.00085), beta_end=cfg.get("beta_end", 0.012),
+        beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
+        rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
+        timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
+        prediction_type=model.info.prediction_type, clip_sample=clip_sample,
+        set_alpha_to_one=False)
+
+
 def sample_views(model, context_cond, context_uncond, cameras16, num_views: int, steps: int,
                  scale: float, eta: float, generator: torch.Generator,
                  clip_sample: Optional[bool] = None):
@@ -79,13 +97,9 @@ def sample_views(model, context_cond, context_uncond, cameras16, num_views: int,
     Returns:
         images [V, 3, S, S] in [0, 1].
     """
-    from diffusers import DDIMScheduler
-
     if clip_sample is None:
         clip_sample = model.info.space == "pixel"
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                          beta_schedule="scaled_linear", clip_sample=bool(clip_sample),
-                          set_alpha_to_one=False, steps_offset=1)
+    sched = ddim_scheduler(model, bool(clip_sample))
     sched.set_timesteps(steps)
     device = cameras16.device
     size, channels = model.unet.config.sample_size, model.unet.config.in_channels
@@ -95,10 +109,11 @@ def sample_views(model, context_cond, context_uncond, cameras16, num_views: int,
     cams = torch.cat([cameras16, cameras16])
     for t in sched.timesteps:
         tt = torch.full((2 * num_views,), int(t), device=device, dtype=torch.long)
-        eps = model.predict_noise(torch.cat([x, x]), tt, context.to(x), cams.to(x), num_views)
-        eps_u, eps_c = eps.chunk(2)
-        eps = eps_u + scale * (eps_c - eps_u)
-        x = sched.step(eps, t, x, eta=eta, generator=generator).prev_sample
+        # guidance is linear in the output, so it may mix v as well as epsilon
+        out = model.predict_output(torch.cat([x, x]), tt, context.to(x), cams.to(x), num_views)
+        out_u, out_c = out.chunk(2)
+        out = out_u + scale * (out_c - out_u)
+        x = sched.step(out, t, x, eta=eta, generator=generator).prev_sample
     return model.decode(x).clamp(0, 1)
 
 

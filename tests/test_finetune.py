@@ -450,3 +450,41 @@ def test_v_prediction_targets_v_and_learns(work):
     job.save_model(15)
     saved = MultiViewDiffusionModel.from_pretrained(work / "v-text" / "model")
     assert saved.info.prediction_type == "v_prediction"
+
+
+def test_zero_terminal_snr_text_model_learns_the_image_from_pure_noise(work, capsys):
+    """model.noise_schedule=zero-terminal-snr: at t = 999 the noisy views hold no image and
+    the v target is -x0 (the model must make the image from the context alone); the loss
+    falls on a fixed batch and the saved model carries the schedule. Misspelt or paired with
+    epsilon, the recipe is refused in one line."""
+    from guidance.model import add_noise, v_target
+
+    spec = dict(text_model_spec(work), prediction_type="v_prediction",
+                noise_schedule="zero-terminal-snr")
+    cfg = build_config(yaml.safe_load(recipe(work, "text", model=spec, lr=3e-3).read_text()),
+                       recipe="zsnr")
+    job = Finetune(cfg, work / "zsnr-text")
+    ac = job.model.alphas_cumprod
+    assert float(ac[999]) < 1e-6
+    x0 = torch.randn(2, 4, 3, 8, 8)
+    db = make_diffusion_batch(x0, torch.zeros(2, 1, 64), torch.zeros(1, 1, 64),
+                              torch.zeros(2, 4, 16), ac, torch.Generator().manual_seed(0), 0.0,
+                              prediction_type="v_prediction")
+    last = torch.full((8,), 999)
+    assert torch.allclose(add_noise(x0.flatten(0, 1), db.noise, last, ac), db.noise, atol=1e-3)
+    assert torch.allclose(v_target(x0.flatten(0, 1), db.noise, last, ac), -x0.flatten(0, 1),
+                          atol=1e-3)
+    losses = fit_fixed_batch(job, 15)
+    assert all(np.isfinite(losses)) and min(losses[-3:]) < 0.5 * losses[0]
+    job.save_model(15)
+    saved = MultiViewDiffusionModel.from_pretrained(work / "zsnr-text" / "model")
+    assert saved.scheduler_config.get("rescale_betas_zero_snr") is True
+    assert torch.equal(saved.alphas_cumprod, ac)
+
+    path = recipe(work, "text", model=text_model_spec(work))
+    assert main([f"recipe={path}", "model.noise_schedule=zero-terminal-snr"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs prediction_type: v_prediction" in err[0]
+    assert main([f"recipe={path}", "model.prediction_type=v_prediction",
+                 "model.noise_schedule=zero-terminal-snrr"]) == 2
+    assert "did you mean 'zero-terminal-snr'" in capsys.readouterr().err

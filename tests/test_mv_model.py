@@ -221,3 +221,88 @@ def test_prediction_type_is_saved_and_checked(tmp_path):
     assert sched["prediction_type"] == "v_prediction"
     with pytest.raises(ConfigError, match="prediction_type"):
         MultiViewDiffusionModel.build_random(unet_cfg(3), "pixel", prediction_type="sample")
+
+
+# -- noise schedules -------------------------------------------------------------------------
+
+def _pixel_v_model(noise_schedule):
+    return MultiViewDiffusionModel.build_random(unet_cfg(3), "pixel", seed=0, init_std=0.05,
+                                                conditioner=image_conditioner(),
+                                                prediction_type="v_prediction",
+                                                noise_schedule=noise_schedule)
+
+
+def test_zero_terminal_snr_leaves_no_image_in_the_last_step(tmp_path):
+    """On MVDream's schedule x_999 still holds 6.8% of the image (two images under the same
+    noise stay apart); on the zero-terminal-SNR one it is the noise alone, and the schedule
+    goes with the saved model."""
+    g = torch.Generator().manual_seed(0)
+    white, black = torch.ones(1, 3, 8, 8), -torch.ones(1, 3, 8, 8)
+    noise = torch.randn(1, 3, 8, 8, generator=g)
+    t = torch.tensor([999])
+    plain, zero = _pixel_v_model("scaled-linear"), _pixel_v_model("zero-terminal-snr")
+    gap = lambda m: float((m.add_noise(white, noise, t) - m.add_noise(black, noise, t)).abs().max())
+    assert gap(plain) == pytest.approx(2 * math.sqrt(plain.alphas_cumprod[999]), rel=1e-4)
+    assert gap(plain) > 0.13 and gap(zero) < 1e-3
+    # the schedule is the same one elsewhere (monotone, nearly 1 at t = 0), and x0 can still
+    # be recovered where SDS samples t (<= 980) without dividing by zero
+    ac = zero.alphas_cumprod
+    assert ac[0] > 0.99 and bool((ac[1:] <= ac[:-1]).all()) and ac[999] > 0
+    x0 = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
+    x_t = zero.add_noise(x0, noise, torch.tensor([980]))
+    assert torch.allclose(zero.predict_x0(x_t, torch.tensor([980]), noise), x0, atol=1e-3)
+    zero.save_pretrained(tmp_path / "m")
+    back = MultiViewDiffusionModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(back.alphas_cumprod, ac)
+    assert back.scheduler_config["rescale_betas_zero_snr"] is True
+
+
+def test_zero_terminal_snr_needs_v_prediction_and_a_known_name():
+    with pytest.raises(ConfigError, match="v_prediction"):
+        MultiViewDiffusionModel.build_random(unet_cfg(3), "pixel", seed=0,
+                                             noise_schedule="zero-terminal-snr")
+    with pytest.raises(ConfigError, match="scaled-linear"):
+        MultiViewDiffusionModel.build_random(unet_cfg(3), "pixel", seed=0,
+                                             prediction_type="v_prediction",
+                                             noise_schedule="cosine")
+
+
+def test_sampler_follows_the_model_schedule():
+    """DDIM starts where the model's schedule is pure noise (t = 999 on zero terminal SNR);
+    MVDream's models keep their "leading" steps offset by one."""
+    from guidance.sample import ddim_scheduler
+
+    zero = ddim_scheduler(_pixel_v_model("zero-terminal-snr"), True)
+    zero.set_timesteps(10)
+    assert zero.timesteps.tolist() == list(range(999, 0, -100))
+    plain = ddim_scheduler(_pixel_v_model("scaled-linear"), True)
+    plain.set_timesteps(10)
+    assert plain.timesteps.tolist() == list(range(901, 0, -100))
+
+
+def test_sampling_on_v_matches_sampling_on_epsilon():
+    """The sampler guides and steps the UNet's own output (v here); on a schedule without a
+    pure-noise step that is the same DDIM as stepping the converted epsilon."""
+    from diffusers import DDIMScheduler
+
+    from guidance.sample import sample_views
+
+    model = _pixel_v_model("scaled-linear")
+    cond, uncond = torch.randn(1, 1, 32), torch.zeros(1, 1, 32)
+    cams = torch.randn(4, 16)
+    with torch.no_grad():
+        views = sample_views(model, cond, uncond, cams, 4, 6, 3.0, 0.0,
+                             torch.Generator().manual_seed(3))
+        sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=True, set_alpha_to_one=False, steps_offset=1)
+        sched.set_timesteps(6)
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+        ctx = torch.cat([uncond.expand(4, -1, -1), cond.expand(4, -1, -1)])
+        for t in sched.timesteps:
+            eps = model.predict_noise(torch.cat([x, x]), torch.full((8,), int(t)), ctx,
+                                      torch.cat([cams, cams]), 4)
+            eps_u, eps_c = eps.chunk(2)
+            x = sched.step(eps_u + 3.0 * (eps_c - eps_u), t, x, eta=0.0).prev_sample
+    reference = model.decode(x).clamp(0, 1)
+    assert views.std() > 0.01
+    assert torch.allclose(views, reference, atol=1e-4)
