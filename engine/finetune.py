@@ -132,15 +132,9 @@ class ModelConfig:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type: '{self.prediction_type}' is not epsilon or "
                               "v_prediction")
-        from guidance.model import NOISE_SCHEDULES
+        from guidance.model import check_noise_schedule
 
-        if self.noise_schedule not in NOISE_SCHEDULES:
-            raise ConfigError(f"noise_schedule: '{self.noise_schedule}' is not one of "
-                              f"{', '.join(NOISE_SCHEDULES)}"
-                              f"{did_you_mean(self.noise_schedule, NOISE_SCHEDULES)}")
-        if self.noise_schedule != "scaled-linear" and self.prediction_type != "v_prediction":
-            raise ConfigError(f"noise_schedule: {self.noise_schedule} needs prediction_type: "
-                              "v_prediction (at its last step epsilon is x_t itself)")
+        check_noise_schedule(self.noise_schedule, self.prediction_type)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from engine.errors import ConfigError, UserError
+from engine.errors import ConfigError, UserError, did_you_mean
 from guidance.mv_unet import MultiViewUNetConfig, build_unet, unet_forward
 
 FORMAT_NAME = "distill-engine-multiview-model"
@@ -64,11 +64,21 @@ NOISE_SCHEDULES = {
 }
 
 
-def scheduler_config_for(noise_schedule: str) -> dict:
-    """DDPMScheduler kwargs of a named schedule (:data:`NOISE_SCHEDULES`)."""
+def check_noise_schedule(noise_schedule: str, prediction_type: str) -> None:
+    """ConfigError unless ``noise_schedule`` names one of :data:`NOISE_SCHEDULES` that a model
+    predicting ``prediction_type`` can be trained on."""
     if noise_schedule not in NOISE_SCHEDULES:
         raise ConfigError(f"noise_schedule: '{noise_schedule}' is not one of "
-                          f"{', '.join(NOISE_SCHEDULES)}")
+                          f"{', '.join(NOISE_SCHEDULES)}"
+                          f"{did_you_mean(noise_schedule, NOISE_SCHEDULES)}")
+    if noise_schedule != "scaled-linear" and prediction_type != "v_prediction":
+        raise ConfigError(f"noise_schedule: {noise_schedule} needs prediction_type: "
+                          "v_prediction (its last step is pure noise, where epsilon is x_t "
+                          "itself and says nothing about the image)")
+
+
+def scheduler_config_for(noise_schedule: str) -> dict:
+    """DDPMScheduler kwargs of a named schedule (:data:`NOISE_SCHEDULES`)."""
     return dict(SCHEDULER_KWARGS, **NOISE_SCHEDULES[noise_schedule])
 
 
@@ -204,7 +214,8 @@ class MultiViewDiffusionModel(nn.Module):
         some layers; tests want non-trivial outputs). ``noise_schedule``: a name of
         :data:`NOISE_SCHEDULES`. ``info_overrides``: ModelInfo fields.
         """
-        scheduler_config = scheduler_config_for(noise_schedule)
+        check_noise_schedule(noise_schedule,
+                             info_overrides.get("prediction_type", ModelInfo.prediction_type))
         if space not in SPACES:
             raise ConfigError(f"space: '{space}' is not one of {', '.join(SPACES)}")
         with torch.random.fork_rng(devices=[]):
@@ -230,13 +241,8 @@ class MultiViewDiffusionModel(nn.Module):
                     else LATENT_SCALE,
                     conditioning=getattr(conditioner, "kind", "image"))
         info.update(info_overrides)
-        if (noise_schedule != "scaled-linear"
-                and info.get("prediction_type", "epsilon") != "v_prediction"):
-            raise ConfigError(f"noise_schedule: {noise_schedule} needs prediction_type: "
-                              "v_prediction (its last step is pure noise, where epsilon is "
-                              "x_t itself and says nothing about the image)")
         return cls(unet, ModelInfo(**info), vae=vae, conditioner=conditioner,
-                   scheduler_config=scheduler_config, trainable=trainable)
+                   scheduler_config=scheduler_config_for(noise_schedule), trainable=trainable)
 
     def set_trainable(self, trainable: bool) -> None:
         """trainable: the UNet learns (train mode); VAE and conditioner stay frozen."""

@@ -66,25 +66,26 @@ def parse_args(argv: List[str]) -> SampleArgs:
     return args
 
 
-@torch.no_grad()
 def ddim_scheduler(model, clip_sample: bool):
     """DDIM on the model's own training schedule and parametrisation (scheduler_config.json):
     MVDream's scaled-linear betas with "leading" steps offset by 1, or a zero-terminal-SNR
     schedule whose "trailing" steps start at t = 999, where x_T is pure noise."""
     from diffusers import DDIMScheduler
 
-    cfg = model.scheduler_config
+    from guidance.model import SCHEDULER_KWARGS
+
+    cfg = dict(SCHEDULER_KWARGS, **model.scheduler_config)
     spacing = cfg.get("timestep_spacing", "leading")
     return DDIMScheduler(
-        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
-        beta_start=cfg.get("beta_start", 0.00085), beta_end=cfg.get("beta_end", 0.012),
-        beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
+        num_train_timesteps=cfg["num_train_timesteps"], beta_start=cfg["beta_start"],
+        beta_end=cfg["beta_end"], beta_schedule=cfg["beta_schedule"],
         rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
         timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
         prediction_type=model.info.prediction_type, clip_sample=clip_sample,
         set_alpha_to_one=False)
 
 
+@torch.no_grad()
 def sample_views(model, context_cond, context_uncond, cameras16, num_views: int, steps: int,
                  scale: float, eta: float, generator: torch.Generator,
                  clip_sample: Optional[bool] = None):

@@ -290,9 +290,12 @@ def test_sampling_on_v_matches_sampling_on_epsilon():
     model = _pixel_v_model("scaled-linear")
     cond, uncond = torch.randn(1, 1, 32), torch.zeros(1, 1, 32)
     cams = torch.randn(4, 16)
+    model.set_trainable(True)     # sampling builds no graph, even through trainable weights
+    views = sample_views(model, cond, uncond, cams, 4, 6, 3.0, 0.0,
+                         torch.Generator().manual_seed(3))
+    assert not views.requires_grad
+    model.set_trainable(False)
     with torch.no_grad():
-        views = sample_views(model, cond, uncond, cams, 4, 6, 3.0, 0.0,
-                             torch.Generator().manual_seed(3))
         sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=True, set_alpha_to_one=False, steps_offset=1)
         sched.set_timesteps(6)
