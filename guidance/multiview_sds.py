@@ -44,7 +44,9 @@ class MultiViewSDS(Guidance):
         # a converted folder (python -m guidance.convert), a raw .ckpt/.pt, or a hub id
         model: str = "pkunliu/Isotropic3D"
         conditioning: str = "auto"          # auto (the model's) | image | text
-        guidance_scale: float = 10.0
+        # a number or a schedule (engine/schedules.py) on the same clock as the t-range, e.g.
+        # [0, 3.0, 1.0, 400]: strong guidance while the shape forms, weaker while it refines
+        guidance_scale: Any = 10.0
         # fractions of the 1000-step schedule; MVDream anneals both over the first 8000 steps
         min_step_percent: Any = field(default_factory=lambda: [0, 0.98, 0.02, 8000])
         max_step_percent: Any = field(default_factory=lambda: [0, 0.98, 0.50, 8000])
@@ -54,7 +56,7 @@ class MultiViewSDS(Guidance):
         precision: str = "fp32"             # fp32 | fp16 | bf16 (for the frozen model)
         negative_prompt: str = ""           # text conditioning only
         keep_conditioner: bool = False      # free the image/text encoder once embedded
-        # the step the t-range schedules read: "run" counts across stages (so a refinement
+        # the step the t-range and guidance-scale schedules read: "run" counts across stages (so a refinement
         # stage continues where the NeRF stage's annealing ended), "stage" restarts at 0
         schedule_clock: str = "run"
 
@@ -64,8 +66,8 @@ class MultiViewSDS(Guidance):
             _choice("camera_convention", self.camera_convention, ("auto",) + CONVENTIONS)
             _choice("precision", self.precision, tuple(PRECISIONS))
             _choice("schedule_clock", self.schedule_clock, ("run", "stage"))
-            if self.guidance_scale < 0:
-                raise ConfigError(f"guidance_scale: must be >= 0, got {self.guidance_scale}")
+            self.scale_schedule = Schedule.parse(self.guidance_scale, "guidance_scale").check(
+                "guidance_scale", minimum=0)
             if not 0 <= self.std_rescale <= 1:
                 raise ConfigError(f"std_rescale: must be in [0, 1], got {self.std_rescale}")
             self.min_schedule = Schedule.parse(self.min_step_percent, "min_step_percent")
@@ -125,8 +127,15 @@ class MultiViewSDS(Guidance):
         return cond, uncond
 
     def t_range(self, step: int):
-        """[t_min, t_max] at this stage step."""
+        """[t_min, t_max] at this step of the schedule clock."""
         return sds.timestep_bounds(self.cfg.min_schedule(step), self.cfg.max_schedule(step))
+
+    def guidance_scale(self, step: int) -> float:
+        """The classifier-free guidance scale at this step of the schedule clock."""
+        return self.cfg.scale_schedule(step)
+
+    def _clock(self, step: StepInfo) -> int:
+        return step.global_step if self.cfg.schedule_clock == "run" else step.step
 
     def forward(self, outputs: Dict[str, Tensor], cameras: Cameras,
                 step: StepInfo) -> Dict[str, Tensor]:
@@ -138,8 +147,8 @@ class MultiViewSDS(Guidance):
         rgb = F.interpolate(rgb, size=(info.image_size, info.image_size), mode="bilinear",
                             align_corners=False)
         x0 = model.encode(rgb.to(self.dtype))
-        t_min, t_max = self.t_range(step.global_step if self.cfg.schedule_clock == "run"
-                                    else step.step)
+        clock = self._clock(step)
+        t_min, t_max = self.t_range(clock)
         t = torch.full((n,), sds.sample_timestep(t_min, t_max), device=x0.device,
                        dtype=torch.long)
         noise = torch.randn_like(x0)
@@ -153,7 +162,7 @@ class MultiViewSDS(Guidance):
                                       torch.cat([camera, camera]), views)
             eps_uncond, eps_cond = eps.chunk(2)
             eps_guided = sds.classifier_free_guidance(eps_uncond, eps_cond,
-                                                      self.cfg.guidance_scale)
+                                                      self.guidance_scale(clock))
         if self.cfg.loss == "reconstruction":
             loss = sds.reconstruction_loss(x0, x_t, t, eps_guided, eps_cond, alphas, views,
                                            self.cfg.std_rescale)

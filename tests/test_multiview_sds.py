@@ -115,6 +115,49 @@ def test_timestep_range_reads_the_run_clock_across_stages(image_model_dir, rgba_
     assert seen == [(20, 500), (980, 980)]
 
 
+def test_guidance_scale_schedule_follows_the_clock(image_model_dir, rgba_image, monkeypatch):
+    from guidance import sds
+
+    inputs = RunInputs(image=load_reference_image(rgba_image, 64))
+    rgb = torch.rand(4, 16, 16, 3)
+    second_stage = StepInfo("dmtet", 1, 50, 150, 250)       # stage step 50, run step 250
+    annealed = MultiViewSDS(MultiViewSDS.Config(model=str(image_model_dir),
+                                                guidance_scale=[0, 3.0, 1.0, 400]), inputs=inputs)
+    assert annealed.guidance_scale(0) == 3.0 and annealed.guidance_scale(9999) == 1.0
+    # the scheduled loss is the constant-scale loss at the schedule's value (same noise, same t)
+    constant = MultiViewSDS(MultiViewSDS.Config(model=str(image_model_dir), guidance_scale=1.75),
+                            inputs=inputs)
+    losses = []
+    for g in (annealed, constant):
+        torch.manual_seed(0)
+        losses.append(g({"rgb": rgb}, four_views(), second_stage)["sds"])
+    assert torch.allclose(losses[0], losses[1])
+    torch.manual_seed(0)
+    at_three = MultiViewSDS(MultiViewSDS.Config(model=str(image_model_dir), guidance_scale=3.0),
+                            inputs=inputs)({"rgb": rgb}, four_views(), second_stage)["sds"]
+    assert not torch.allclose(losses[0], at_three)
+    # on the stage clock the same step reads the schedule at 50
+    seen = []
+    real = sds.classifier_free_guidance
+    monkeypatch.setattr(sds, "classifier_free_guidance",
+                        lambda u, c, scale: seen.append(scale) or real(u, c, scale))
+    annealed.cfg.schedule_clock = "stage"
+    annealed({"rgb": rgb}, four_views(), second_stage)
+    assert seen == [pytest.approx(2.75)]
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1.0, "guidance_scale: every value must be >= 0, got -1"),
+    ([[0, 3.0], [100, -0.5]], "guidance_scale: every value must be >= 0, got -0.5"),
+    ("strong", "guidance_scale: expected a number"),
+])
+def test_bad_guidance_scale_is_named(value, message):
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        MultiViewSDS.Config(guidance_scale=value)
+
+
 def test_release_camera_convention_can_be_forced(image_model_dir, rgba_image):
     inputs = RunInputs(image=load_reference_image(rgba_image, 64))
     g = MultiViewSDS(MultiViewSDS.Config(model=str(image_model_dir),
