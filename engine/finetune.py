@@ -67,6 +67,7 @@ RECIPES_DIR = PROJECT_ROOT / "recipes" / "finetune"
 MODES = ("text", "image", "ema", "clip")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
+LOSS_WEIGHTINGS = ("uniform", "min-snr")
 NUM_TRAIN_TIMESTEPS = 1000
 
 USAGE = """\
@@ -157,6 +158,12 @@ class FinetuneConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0               # max gradient norm (0: off)
     cfg_dropout: float = 0.1             # probability of the unconditional context
+    # per-timestep weight of the diffusion loss: uniform (plain MSE on the UNet's target) |
+    # min-snr (Hang et al. 2023: as if the loss were on x0 weighted by min(SNR, gamma), so the
+    # many nearly clean steps stop dominating and the noisy ones, where shapes are decided,
+    # get more of the model's capacity)
+    loss_weighting: str = "uniform"
+    min_snr_gamma: float = 5.0
     # mode ema: probability that a step trains without the reference in the attention, as the
     # model runs at inference (0: always with it, the plain Isotropic3D stage 2)
     reference_dropout: float = 0.0
@@ -207,6 +214,12 @@ class FinetuneConfig:
             raise ConfigError("weight_decay and grad_clip: must be >= 0")
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ConfigError(f"cfg_dropout: must be in [0, 1], got {self.cfg_dropout}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"loss_weighting: '{self.loss_weighting}' is not one of "
+                              f"{', '.join(LOSS_WEIGHTINGS)}"
+                              f"{did_you_mean(self.loss_weighting, LOSS_WEIGHTINGS)}")
+        if not self.min_snr_gamma > 0:
+            raise ConfigError(f"min_snr_gamma: must be > 0, got {self.min_snr_gamma}")
         if not 0.0 <= self.reference_dropout <= 1.0:
             raise ConfigError(f"reference_dropout: must be in [0, 1], got "
                               f"{self.reference_dropout}")
@@ -461,14 +474,37 @@ def make_diffusion_batch(x0: Tensor, context: Tensor, uncond: Tensor, camera: Te
         num_views=V, group=G)
 
 
-def diffusion_loss(eps: Tensor, noise: Tensor, num_views: int, group: int) -> Tensor:
+def diffusion_loss(eps: Tensor, noise: Tensor, num_views: int, group: int,
+                   weights: Optional[Tensor] = None) -> Tensor:
     """MSE over the noisy views only: eps [B*G, C, h, w] (the UNet's output, group-contiguous,
     the noisy views first), noise [B*V, C, h, w] (its target: the noise, or v) -> scalar
-    (float32). Views G > V (the ema reference) are excluded. Differentiable with respect to
-    ``eps``."""
+    (float32). Views G > V (the ema reference) are excluded. ``weights`` [B*V] (see
+    :func:`snr_loss_weights`) scale each view's mean squared error; None is the plain MSE.
+    Differentiable with respect to ``eps``."""
     B = eps.shape[0] // group
     pred = eps.view(B, group, *eps.shape[1:])[:, :num_views].float()
-    return F.mse_loss(pred, noise.view(B, num_views, *noise.shape[1:]).float())
+    target = noise.view(B, num_views, *noise.shape[1:]).float()
+    if weights is None:
+        return F.mse_loss(pred, target)
+    per_view = ((pred - target) ** 2).flatten(2).mean(dim=2)               # [B, V]
+    return (per_view * weights.view(B, num_views).to(per_view)).mean()
+
+
+def snr_loss_weights(t: Tensor, alphas_cumprod: Tensor, prediction_type: str,
+                     weighting: str = "min-snr", gamma: float = 5.0) -> Tensor:
+    """Per-sample weights of the diffusion loss for timesteps ``t`` [N] -> [N] (float32).
+
+    min-snr: the MSE on x0 weighted by min(SNR, gamma), SNR = alpha_bar / (1 - alpha_bar),
+    expressed for the UNet's own target: an epsilon error is SNR times an x0 error, a v error
+    (SNR + 1) times, so the weights are min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1).
+    uniform: ones. Not differentiable (timesteps and schedule only).
+    """
+    if weighting == "uniform":
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    a = alphas_cumprod.to(t.device, torch.float64)[t]
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=gamma)
+    return (clipped / (snr + 1 if prediction_type == "v_prediction" else snr)).float()
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, scale: Tensor, labels: Tensor
@@ -784,7 +820,13 @@ class Finetune:
                                   self.cfg.cfg_dropout, reference,
                                   self.model.info.prediction_type)
         out = unet_forward(self.net, db.x_t, db.t, db.context, db.camera, db.group)
-        loss = diffusion_loss(out, db.target, db.num_views, db.group)
+        weights = None
+        if self.cfg.loss_weighting != "uniform":
+            t_noisy = db.t.view(B, db.group)[:, :db.num_views].reshape(-1)
+            weights = snr_loss_weights(t_noisy, self.model.alphas_cumprod,
+                                       self.model.info.prediction_type,
+                                       self.cfg.loss_weighting, self.cfg.min_snr_gamma)
+        loss = diffusion_loss(out, db.target, db.num_views, db.group, weights)
         logs = {"dropped": float(db.dropped.float().mean())}
         if self.mode == "ema":
             logs["with_reference"] = float(keep_reference)

@@ -17,7 +17,7 @@ from engine.cameras import Cameras
 from engine.errors import ConfigError
 from engine.finetune import (Finetune, StepBatchSampler, WeightAverage, build_config,
                              build_diffusion_model, clip_loss, diffusion_loss, lr_at, main,
-                             make_diffusion_batch)
+                             make_diffusion_batch, snr_loss_weights)
 from engine.mvdataset import write_index, write_object
 from guidance.conditioners import build_openclip, save_openclip_folder, tiny_openclip_config
 from guidance.model import MultiViewDiffusionModel
@@ -488,3 +488,58 @@ def test_zero_terminal_snr_text_model_learns_the_image_from_pure_noise(work, cap
     assert main([f"recipe={path}", "model.prediction_type=v_prediction",
                  "model.noise_schedule=zero-terminal-snrr"]) == 2
     assert "did you mean 'zero-terminal-snr'" in capsys.readouterr().err
+
+
+def test_min_snr_weights_follow_the_formula_on_a_hand_built_schedule():
+    """alpha_bar 0.5 / 0.9 / 0.99 have SNR 1 / 9 / 99; with gamma 5 the x0-weights are
+    1 / 5 / 5, which an epsilon loss carries as min(SNR, 5) / SNR and a v loss as
+    min(SNR, 5) / (SNR + 1)."""
+    ac = torch.tensor([0.5, 0.9, 0.99])
+    t = torch.tensor([0, 1, 2, 1])
+    eps = snr_loss_weights(t, ac, "epsilon", "min-snr", 5.0)
+    v = snr_loss_weights(t, ac, "v_prediction", "min-snr", 5.0)
+    assert torch.allclose(eps, torch.tensor([1.0, 5 / 9, 5 / 99, 5 / 9]))
+    assert torch.allclose(v, torch.tensor([0.5, 0.5, 5 / 100, 0.5]))
+    assert torch.equal(snr_loss_weights(t, ac, "epsilon", "uniform"), torch.ones(4))
+    # a zero-terminal-SNR last step: epsilon keeps weight 1, v (whose target is -x0) ~0
+    end = torch.tensor([2.0 ** -24])
+    assert snr_loss_weights(torch.tensor([0]), end, "epsilon").item() == pytest.approx(1.0)
+    assert snr_loss_weights(torch.tensor([0]), end, "v_prediction").item() < 1e-6
+
+
+def test_weighted_diffusion_loss_scales_each_view_and_skips_the_reference():
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(2 * 5, 3, 4, 4, generator=g)          # 2 objects x (4 views + reference)
+    target = torch.randn(2 * 4, 3, 4, 4, generator=g)
+    plain = diffusion_loss(out, target, 4, 5)
+    assert torch.allclose(diffusion_loss(out, target, 4, 5, torch.ones(8)), plain)
+    per_view = ((out.view(2, 5, 3, 4, 4)[:, :4] - target.view(2, 4, 3, 4, 4)) ** 2
+                ).flatten(2).mean(2).flatten()
+    w = torch.tensor([2.0, 0.0, 1.0, 0.5, 0.0, 0.0, 3.0, 1.0])
+    assert torch.allclose(diffusion_loss(out, target, 4, 5, w), (per_view * w).mean())
+    moved = out.clone().view(2, 5, 3, 4, 4)
+    moved[:, 4] += 100.0                                     # the reference is not in the loss
+    assert torch.equal(diffusion_loss(moved.flatten(0, 1), target, 4, 5, w),
+                       diffusion_loss(out, target, 4, 5, w))
+
+
+def test_min_snr_training_learns_and_bad_settings_are_one_line(work, capsys, monkeypatch):
+    spec = dict(text_model_spec(work), prediction_type="v_prediction")
+    cfg = build_config(yaml.safe_load(recipe(work, "text", model=spec, lr=3e-3,
+                                             loss_weighting="min-snr").read_text()), recipe="ms")
+    job = Finetune(cfg, work / "min-snr-text")
+    seen = []
+    real = snr_loss_weights
+    monkeypatch.setattr("engine.finetune.snr_loss_weights",
+                        lambda *a, **k: seen.append(a) or real(*a, **k))
+    losses = fit_fixed_batch(job, 15)
+    assert all(np.isfinite(losses)) and min(losses[-3:]) < 0.5 * losses[0]
+    t, _, prediction, weighting, gamma = seen[0]
+    assert t.shape == (8,) and prediction == "v_prediction"      # 2 objects x 4 views
+    assert (weighting, gamma) == ("min-snr", 5.0)
+    path = recipe(work, "text", model=text_model_spec(work))
+    assert main([f"recipe={path}", "loss_weighting=min_snr"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean 'min-snr'" in err[0]
+    assert main([f"recipe={path}", "min_snr_gamma=0"]) == 2
+    assert "min_snr_gamma: must be > 0" in capsys.readouterr().err
