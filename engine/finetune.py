@@ -220,6 +220,9 @@ class FinetuneConfig:
                               f"{did_you_mean(self.loss_weighting, LOSS_WEIGHTINGS)}")
         if not self.min_snr_gamma > 0:
             raise ConfigError(f"min_snr_gamma: must be > 0, got {self.min_snr_gamma}")
+        if self.loss_weighting != "uniform" and self.mode == "clip":
+            raise ConfigError("loss_weighting: mode clip has no diffusion loss to weight; "
+                              "remove it")
         if not 0.0 <= self.reference_dropout <= 1.0:
             raise ConfigError(f"reference_dropout: must be in [0, 1], got "
                               f"{self.reference_dropout}")
@@ -503,8 +506,10 @@ def snr_loss_weights(t: Tensor, alphas_cumprod: Tensor, prediction_type: str,
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     a = alphas_cumprod.to(t.device, torch.float64)[t]
     snr = a / (1 - a)
-    clipped = snr.clamp(max=gamma)
-    return (clipped / (snr + 1 if prediction_type == "v_prediction" else snr)).float()
+    if prediction_type == "v_prediction":
+        return (snr.clamp(max=gamma) / (snr + 1)).float()
+    # min(SNR, gamma) / SNR written as min(1, gamma / SNR): 1 at SNR 0, not 0 / 0
+    return (gamma / snr).clamp(max=1.0).float()
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, scale: Tensor, labels: Tensor

@@ -56,8 +56,9 @@ class MultiViewSDS(Guidance):
         precision: str = "fp32"             # fp32 | fp16 | bf16 (for the frozen model)
         negative_prompt: str = ""           # text conditioning only
         keep_conditioner: bool = False      # free the image/text encoder once embedded
-        # the step the t-range and guidance-scale schedules read: "run" counts across stages (so a refinement
-        # stage continues where the NeRF stage's annealing ended), "stage" restarts at 0
+        # the step the t-range and guidance-scale schedules read: "run" counts across stages
+        # (so a refinement stage continues where the NeRF stage's annealing ended), "stage"
+        # restarts at 0
         schedule_clock: str = "run"
 
         def __post_init__(self):

@@ -505,6 +505,8 @@ def test_min_snr_weights_follow_the_formula_on_a_hand_built_schedule():
     end = torch.tensor([2.0 ** -24])
     assert snr_loss_weights(torch.tensor([0]), end, "epsilon").item() == pytest.approx(1.0)
     assert snr_loss_weights(torch.tensor([0]), end, "v_prediction").item() < 1e-6
+    exact_zero = snr_loss_weights(torch.tensor([0]), torch.tensor([0.0]), "epsilon")
+    assert exact_zero.item() == 1.0
 
 
 def test_weighted_diffusion_loss_scales_each_view_and_skips_the_reference():
@@ -543,3 +545,6 @@ def test_min_snr_training_learns_and_bad_settings_are_one_line(work, capsys, mon
     assert len(err) == 1 and "did you mean 'min-snr'" in err[0]
     assert main([f"recipe={path}", "min_snr_gamma=0"]) == 2
     assert "min_snr_gamma: must be > 0" in capsys.readouterr().err
+    clip = recipe(work, "clip")
+    assert main([f"recipe={clip}", "loss_weighting=min-snr"]) == 2
+    assert "mode clip has no diffusion loss" in capsys.readouterr().err
