@@ -16,8 +16,9 @@ import yaml
 from engine.cameras import Cameras
 from engine.errors import ConfigError
 from engine.finetune import (Finetune, StepBatchSampler, WeightAverage, build_config,
-                             build_diffusion_model, clip_loss, diffusion_loss, lr_at, main,
-                             make_diffusion_batch, snr_loss_weights)
+                             build_diffusion_model, clip_loss, diffusion_loss,
+                             foreground_pixel_weights, lr_at, main, make_diffusion_batch,
+                             snr_loss_weights)
 from engine.mvdataset import write_index, write_object
 from guidance.conditioners import build_openclip, save_openclip_folder, tiny_openclip_config
 from guidance.model import MultiViewDiffusionModel
@@ -547,4 +548,88 @@ def test_min_snr_training_learns_and_bad_settings_are_one_line(work, capsys, mon
     assert "min_snr_gamma: must be > 0" in capsys.readouterr().err
     clip = recipe(work, "clip")
     assert main([f"recipe={clip}", "loss_weighting=min-snr"]) == 2
+    assert "mode clip has no diffusion loss" in capsys.readouterr().err
+
+
+def test_foreground_pixel_weights_on_a_hand_built_mask():
+    """A 4x4 view whose object covers 4 pixels (share 1/4), weight 3: raw weights 4 on the
+    object and 1 elsewhere, mean 1.75, so 4/1.75 and 1/1.75; an empty and a full view weigh 1
+    everywhere; at 2x2 each pixel takes its quadrant's mean alpha."""
+    m = torch.zeros(3, 1, 4, 4)
+    m[0, 0, :2, :2] = 1.0                       # the top-left quadrant
+    m[2] = 1.0                                  # the object fills the view
+    w = foreground_pixel_weights(m, (4, 4), 3.0)
+    expected = torch.full((4, 4), 1 / 1.75)
+    expected[:2, :2] = 4 / 1.75
+    assert torch.allclose(w[0, 0], expected)
+    assert torch.equal(w[1], torch.ones(1, 4, 4)) and torch.allclose(w[2], torch.ones(1, 4, 4))
+    half = torch.zeros(1, 1, 4, 4)
+    half[0, 0, :2, :1] = 1.0                    # half of the top-left quadrant
+    small = foreground_pixel_weights(half, (2, 2), 2.0)      # raw 2, 1, 1, 1 -> mean 1.25
+    assert torch.allclose(small[0, 0], torch.tensor([[2.0, 1.0], [1.0, 1.0]]) / 1.25)
+    assert torch.allclose(w.mean(dim=(2, 3)), torch.ones(3, 1))
+
+
+def test_foreground_weighted_loss_costs_object_errors_more_and_skips_the_reference():
+    target = torch.zeros(2 * 4, 3, 4, 4)
+    out = torch.zeros(2 * 5, 3, 4, 4)                        # 2 objects x (4 views + reference)
+    masks = torch.zeros(8, 1, 4, 4)
+    masks[:, :, :2, :2] = 1.0
+    pw = foreground_pixel_weights(masks, (4, 4), 3.0)
+    on_object, off_object = out.clone().view(2, 5, 3, 4, 4), out.clone().view(2, 5, 3, 4, 4)
+    on_object[:, :4, :, 0, 0] = 1.0                          # the same error, on the object
+    off_object[:, :4, :, 3, 3] = 1.0                         # and on the background
+    fg = diffusion_loss(on_object.flatten(0, 1), target, 4, 5, pixel_weights=pw)
+    bg = diffusion_loss(off_object.flatten(0, 1), target, 4, 5, pixel_weights=pw)
+    plain = diffusion_loss(on_object.flatten(0, 1), target, 4, 5)
+    assert fg.item() == pytest.approx(plain.item() * 4 / 1.75)
+    assert bg.item() == pytest.approx(plain.item() / 1.75)
+    ones = torch.ones(8, 1, 4, 4)
+    assert torch.allclose(diffusion_loss(on_object.flatten(0, 1), target, 4, 5,
+                                         pixel_weights=ones), plain)
+    # with per-view weights too: view k of each object weighs w[k] times its weighted error
+    w = torch.tensor([2.0, 0.0, 1.0, 0.5, 0.0, 0.0, 3.0, 1.0])
+    both = diffusion_loss(on_object.flatten(0, 1), target, 4, 5, w, pw)
+    per_view = torch.full((8,), 1 / 16 * 4 / 1.75)           # 1 of 16 pixels in error
+    assert both.item() == pytest.approx((per_view * w).mean().item())
+    on_object[:, 4] += 100.0                                  # the reference is not in the loss
+    assert diffusion_loss(on_object.flatten(0, 1), target, 4, 5, pixel_weights=pw) == fg
+
+
+def test_foreground_weight_reaches_the_loss_from_the_views_alpha(work, text_run, capsys,
+                                                                 monkeypatch):
+    """ema mode, foreground_weight 4: the loss uses the batch's masks at the model's 8 px
+    (the files are 16 px), weighs the bars more than the background, still learns, and bad
+    settings are one line."""
+    import engine.finetune as finetune
+
+    spec = {"init": str(text_run / "model"), "conditioner": {"model": str(work / "clip")}}
+    cfg = build_config(yaml.safe_load(recipe(work, "ema", model=spec, lr=3e-3,
+                                             foreground_weight=4.0).read_text()), recipe="fg")
+    job = Finetune(cfg, work / "fg-ema")
+    seen = []
+    real = finetune.diffusion_loss
+    monkeypatch.setattr(finetune, "diffusion_loss",
+                        lambda *a, **k: seen.append(a) or real(*a, **k))
+    batch = next(iter(job.loader))
+    with torch.no_grad():
+        job.compute_loss(batch, torch.Generator().manual_seed(0))
+    out, target, views, group, weights, pw = seen[0]
+    assert (views, group) == (4, 5) and weights is None
+    assert pw.shape == (8, 1, 8, 8)                          # 2 objects x 4 views, 8 px
+    alpha = torch.nn.functional.adaptive_avg_pool2d(batch["masks"].flatten(0, 1).float(), 8)
+    assert alpha.shape == pw.shape
+    assert torch.allclose(pw, foreground_pixel_weights(alpha, (8, 8), 4.0))
+    assert (pw[alpha > 0.99].min() > 1.0) and (pw[alpha == 0].max() < 1.0)
+    seen.clear()
+    losses = fit_fixed_batch(job, 15)
+    assert all(np.isfinite(losses)) and min(losses[-3:]) < 0.7 * losses[0]
+    no_masks = {k: v for k, v in batch.items() if k != "masks"}
+    with pytest.raises(finetune.UserError, match="foreground_weight needs the views' masks"):
+        job.compute_loss(no_masks, torch.Generator().manual_seed(0))
+    path = recipe(work, "text", model=text_model_spec(work))
+    assert main([f"recipe={path}", "foreground_weight=-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "foreground_weight: must be >= 0" in err[0]
+    assert main([f"recipe={recipe(work, 'clip')}", "foreground_weight=2"]) == 2
     assert "mode clip has no diffusion loss" in capsys.readouterr().err
