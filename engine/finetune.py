@@ -165,9 +165,10 @@ class FinetuneConfig:
     loss_weighting: str = "uniform"
     min_snr_gamma: float = 5.0
     # extra weight of the object's pixels in the diffusion loss (the views' alpha at the
-    # model's resolution): pixel weight 1 + foreground_weight * alpha, normalised to mean 1
-    # per view so the loss keeps its scale. 0: off. Pale parts on the white background and
-    # thin parts cost little in a plain MSE, so a small model learns to leave them out.
+    # model's resolution): pixel weight 1 + foreground_weight * alpha, the background's stays
+    # 1 (normalising the mean to 1 instead took weight off the background, and the views came
+    # out grainy). 0: off. Pale parts on the white background and thin parts cost little in a
+    # plain MSE, so a small model learns to leave them out.
     foreground_weight: float = 0.0
     # mode ema: probability that a step trains without the reference in the attention, as the
     # model runs at inference (0: always with it, the plain Isotropic3D stage 2)
@@ -514,14 +515,13 @@ def diffusion_loss(eps: Tensor, noise: Tensor, num_views: int, group: int,
 def foreground_pixel_weights(masks: Tensor, size: Tuple[int, int], weight: float) -> Tensor:
     """Per-pixel loss weights from the views' alpha: masks [N, 1, S, S] in [0, 1] -> [N, 1, h,
     w] (float32) = 1 + weight * alpha, alpha area-averaged to ``size`` (the model's space, so
-    a latent pixel weighs by the share of object it covers), normalised to mean 1 per view: an
-    empty view weighs 1 everywhere, an object's pixels (1 + weight) / (1 + weight * f) times
-    the plain MSE's, f its share of the view. Not differentiable (masks only)."""
+    a latent pixel weighs by the share of object it covers). The background keeps weight 1,
+    as in the plain MSE, so the loss of a view grows by 1 + weight * (its object's share).
+    Not differentiable (masks only)."""
     a = masks.float()
     if tuple(a.shape[-2:]) != tuple(size):
         a = F.adaptive_avg_pool2d(a, size)
-    w = 1.0 + weight * a.clamp(0.0, 1.0)
-    return w / w.mean(dim=(2, 3), keepdim=True)
+    return 1.0 + weight * a.clamp(0.0, 1.0)
 
 
 def snr_loss_weights(t: Tensor, alphas_cumprod: Tensor, prediction_type: str,
