@@ -166,9 +166,9 @@ class FinetuneConfig:
     min_snr_gamma: float = 5.0
     # extra weight of the object's pixels in the diffusion loss (the views' alpha at the
     # model's resolution): pixel weight 1 + foreground_weight * alpha, the background's stays
-    # 1 (normalising the mean to 1 instead took weight off the background, and the views came
-    # out grainy). 0: off. Pale parts on the white background and thin parts cost little in a
-    # plain MSE, so a small model learns to leave them out.
+    # 1. 0: off. Pale parts on the white background and thin parts cost little in a plain MSE.
+    # On the toy stage 1, 4 made the views worse (blobs: a missed object pixel costs more than
+    # a stray one); docs/results/toy-foreground-weight.
     foreground_weight: float = 0.0
     # mode ema: probability that a step trains without the reference in the attention, as the
     # model runs at inference (0: always with it, the plain Isotropic3D stage 2)
