@@ -226,14 +226,13 @@ class FinetuneConfig:
                               f"{did_you_mean(self.loss_weighting, LOSS_WEIGHTINGS)}")
         if not self.min_snr_gamma > 0:
             raise ConfigError(f"min_snr_gamma: must be > 0, got {self.min_snr_gamma}")
-        if self.loss_weighting != "uniform" and self.mode == "clip":
-            raise ConfigError("loss_weighting: mode clip has no diffusion loss to weight; "
-                              "remove it")
         if not self.foreground_weight >= 0:
             raise ConfigError(f"foreground_weight: must be >= 0 (0: off), got "
                               f"{self.foreground_weight}")
-        if self.foreground_weight > 0 and self.mode == "clip":
-            raise ConfigError("foreground_weight: mode clip has no diffusion loss to weight; "
+        weighted = [key for key, on in (("loss_weighting", self.loss_weighting != "uniform"),
+                                        ("foreground_weight", self.foreground_weight > 0)) if on]
+        if weighted and self.mode == "clip":
+            raise ConfigError(f"{weighted[0]}: mode clip has no diffusion loss to weight; "
                               "remove it")
         if not 0.0 <= self.reference_dropout <= 1.0:
             raise ConfigError(f"reference_dropout: must be in [0, 1], got "

@@ -93,6 +93,14 @@ def text_run(work):
     return out
 
 
+def one_line_error(capsys, *argv):
+    """Run the command line expecting a user error: exit 2, one line on stderr, returned."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
 def fit_fixed_batch(job, steps):
     """Adam on one batch with the same draws every step; returns the losses."""
     batch = next(iter(job.loader))
@@ -541,14 +549,12 @@ def test_min_snr_training_learns_and_bad_settings_are_one_line(work, capsys, mon
     assert t.shape == (8,) and prediction == "v_prediction"      # 2 objects x 4 views
     assert (weighting, gamma) == ("min-snr", 5.0)
     path = recipe(work, "text", model=text_model_spec(work))
-    assert main([f"recipe={path}", "loss_weighting=min_snr"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "did you mean 'min-snr'" in err[0]
-    assert main([f"recipe={path}", "min_snr_gamma=0"]) == 2
-    assert "min_snr_gamma: must be > 0" in capsys.readouterr().err
-    clip = recipe(work, "clip")
-    assert main([f"recipe={clip}", "loss_weighting=min-snr"]) == 2
-    assert "mode clip has no diffusion loss" in capsys.readouterr().err
+    assert "did you mean 'min-snr'" in one_line_error(capsys, f"recipe={path}",
+                                                      "loss_weighting=min_snr")
+    assert "min_snr_gamma: must be > 0" in one_line_error(capsys, f"recipe={path}",
+                                                          "min_snr_gamma=0")
+    assert "mode clip has no diffusion loss" in one_line_error(
+        capsys, f"recipe={recipe(work, 'clip')}", "loss_weighting=min-snr")
 
 
 def test_foreground_pixel_weights_on_a_hand_built_mask():
@@ -627,8 +633,7 @@ def test_foreground_weight_reaches_the_loss_from_the_views_alpha(work, text_run,
     with pytest.raises(finetune.UserError, match="foreground_weight needs the views' masks"):
         job.compute_loss(no_masks, torch.Generator().manual_seed(0))
     path = recipe(work, "text", model=text_model_spec(work))
-    assert main([f"recipe={path}", "foreground_weight=-1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "foreground_weight: must be >= 0" in err[0]
-    assert main([f"recipe={recipe(work, 'clip')}", "foreground_weight=2"]) == 2
-    assert "mode clip has no diffusion loss" in capsys.readouterr().err
+    assert "foreground_weight: must be >= 0" in one_line_error(capsys, f"recipe={path}",
+                                                               "foreground_weight=-1")
+    assert one_line_error(capsys, f"recipe={recipe(work, 'clip')}", "foreground_weight=2"
+                          ).startswith("error: foreground_weight: mode clip has no diffusion")
