@@ -15,6 +15,9 @@ sees it) is embedded and scored three ways:
   palette;
 * kind, nearest neighbour: the kind of the --reference-split object whose front embedding is
   nearest (cosine; the object itself left out) - what an image-conditioned model can lean on.
+  Also printed for two other features of the same pictures: the conditioner's patch tokens
+  (``tokens: patches``, flattened) and the raw pixels (minus mid-grey), the floor any
+  learnt feature should beat.
 
 Scoring the training split too (--split train) shows the generalisation gap. Prints the
 per-kind counts and the totals; the data folder is a toy-world dataset (python -m
@@ -46,6 +49,10 @@ def load_clip(folder: Path):
     clip = build_openclip(json.loads(config.read_text())["model_cfg"])
     clip.load_state_dict(read_weights(weights), strict=True)
     return clip.eval()
+
+
+def clip_cfg(folder: Path) -> dict:
+    return json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
 
 
 def front_on_white(path: Path) -> torch.Tensor:
@@ -106,6 +113,29 @@ def main() -> None:
 
     img = embed_images(ids)
     ref_img = embed_images(refs)
+
+    from guidance.conditioners import OpenCLIPImageConditioner
+
+    patch_cond = OpenCLIPImageConditioner.from_clip(load_clip(Path(args.clip)),
+                                                    clip_cfg(Path(args.clip)), tokens="patches")
+
+    @torch.no_grad()
+    def other_features(oids):
+        rgb = torch.stack([front_on_white(data / o / "r0.png") for o in oids])
+        patches = torch.cat([patch_cond(rgb[i:i + 64])[:, 1:].flatten(1)
+                             for i in range(0, len(oids), 64)])
+        return {"patch tokens": patches, "pixels": rgb.flatten(1) - 0.5}
+
+    def nearest_kinds(a, b):
+        a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
+        sim = a @ b.T
+        for i, oid in enumerate(ids):
+            sim[i, [j for j, r in enumerate(refs) if r == oid]] = -2.0
+        return sum(meta[refs[int(j)]]["kind"] == meta[o]["kind"]
+                   for o, j in zip(ids, sim.argmax(1)))
+
+    own, other = other_features(ids), other_features(refs)
+    nn_other = {name: nearest_kinds(own[name], other[name]) for name in own}
     kind_ok, colour_ok, nn_ok = Counter(), Counter(), Counter()
     total = Counter()
     for i, oid in enumerate(ids):
@@ -134,6 +164,8 @@ def main() -> None:
     print(f"colour, zero-shot (kind given):  {sum(colour_ok.values())}/{n} "
           f"(chance {n / len(colours):.1f})")
     print(f"kind of the nearest {args.reference_split} front: {sum(nn_ok.values())}/{n}")
+    for name, hits in nn_other.items():
+        print(f"  the same by {name}: {hits}/{n}")
 
 
 if __name__ == "__main__":

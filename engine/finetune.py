@@ -105,6 +105,16 @@ class DataConfig:
 class ConditionerConfig:
     model: str = MISSING                 # OpenCLIP folder (a clip run's model/) | arch | hf-hub:
     pretrained: str = ""                 # tag or weights file, with an architecture name
+    # image modes: the context, pooled (Isotropic3D: one token [B, 1, D]) | patches (the pooled
+    # token then every patch token, [B, 1 + P, D]: where the parts are); saved with the model
+    tokens: str = "pooled"
+
+    def __post_init__(self):
+        from guidance.conditioners import IMAGE_TOKENS
+
+        if self.tokens not in IMAGE_TOKENS:
+            raise ConfigError(f"model.conditioner.tokens: must be one of "
+                              f"{', '.join(IMAGE_TOKENS)}, got {self.tokens!r}")
 
 
 @dataclass
@@ -245,6 +255,10 @@ class FinetuneConfig:
         if self.mode == "clip" and self.model.conditioner is not None:
             raise ConfigError("model.conditioner: clip mode trains the OpenCLIP model itself; "
                               "set model.init (random or an OpenCLIP folder) instead")
+        if self.mode == "text" and self.model.conditioner is not None \
+                and self.model.conditioner.tokens != "pooled":
+            raise ConfigError("model.conditioner.tokens: only image conditioning has patch "
+                              "tokens; text mode uses the prompt's tokens, so leave it at pooled")
 
 
 def read_recipe(name_or_path: str) -> Tuple[str, dict]:
@@ -579,6 +593,9 @@ def _load_conditioner(spec: ConditionerConfig, kind: str):
     from guidance.conditioners import conditioner_for
 
     cls = conditioner_for(kind)
+    if kind == "image":
+        return cls(cls.Config(model=spec.model, pretrained=spec.pretrained, tokens=spec.tokens),
+                   key="model.conditioner.model")
     return cls(cls.Config(model=spec.model, pretrained=spec.pretrained),
                key="model.conditioner.model")
 
@@ -620,6 +637,8 @@ def build_diffusion_model(cfg: FinetuneConfig):
         raise ConfigError(f"model.conditioner: the model in {m.init} has {have}; {cfg.mode} mode "
                           f"needs an OpenCLIP {need} tower: set model.conditioner.model to an "
                           "OpenCLIP folder (e.g. a clip-mode run's model/)")
+    if cond is not None and saved is not None and saved_kind == need == "image":
+        _check_same_tokens(cond.cfg.tokens, Path(m.init) / saved["path"], m.init)
     model = MultiViewDiffusionModel.from_pretrained(m.init, load_conditioner=use_saved,
                                                     conditioning=need, num_views=V)
     if cond is not None:
@@ -628,6 +647,20 @@ def build_diffusion_model(cfg: FinetuneConfig):
                 f"the UNet of {m.init}")
     model.set_trainable(True)
     return model
+
+
+def _check_same_tokens(tokens: str, saved_folder: Path, init: str) -> None:
+    """An image model goes on learning with the context layout it learnt with."""
+    from guidance.conditioners import CONFIG_FILE, TOKENS_KEY
+
+    try:
+        saved = json.loads((saved_folder / CONFIG_FILE).read_text()).get(TOKENS_KEY, "pooled")
+    except (OSError, ValueError):
+        return  # from_pretrained reports an unreadable conditioner
+    if saved != tokens:
+        raise ConfigError(f"model.conditioner.tokens: the model in {init} learnt with tokens "
+                          f"{saved}, this run asks for {tokens}; set model.conditioner.tokens="
+                          f"{saved} (or model.conditioner: null to keep its own)")
 
 
 def _check_dims(cond, cross: int, where: str) -> None:

@@ -403,7 +403,7 @@ def check_conditioner(conditioner: nn.Module, *, kind: Optional[str] = None) -> 
     """Check a conditioner instance (an image or a text encoder).
 
     ``kind`` ("image" | "text", default ``conditioner.kind``). Image: ``forward([N,3,H,W] in
-    [0, 1]) -> [N, 1, D]``; text: ``forward(list of N strings) -> [N, L, D]``. Checks finite
+    [0, 1]) -> [N, L, D]``, L = ``conditioner.num_tokens`` (1 when it has none); text: ``forward(list of N strings) -> [N, L, D]``. Checks finite
     outputs of that shape (D = ``embed_dim`` when the conditioner has one), different inputs
     give different embeddings, the same input the same embedding, ``unconditional(N)`` has the
     same shape, and no parameter requires grad.
@@ -432,8 +432,10 @@ def check_conditioner(conditioner: nn.Module, *, kind: Optional[str] = None) -> 
     if not isinstance(emb, Tensor) or emb.dim() != 3 or emb.shape[0] != n:
         shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
         _fail(what, f"embedding of {n} inputs has shape {shape}, expected [{n}, L, D]")
-    if kind == "image" and emb.shape[1] != 1:
-        _fail(what, f"image embedding has shape {tuple(emb.shape)}, expected [{n}, 1, D]")
+    tokens = int(getattr(conditioner, "num_tokens", 1))
+    if kind == "image" and emb.shape[1] != tokens:
+        _fail(what, f"image embedding has shape {tuple(emb.shape)}, expected [{n}, {tokens}, D]"
+                    + ("" if tokens > 1 else " (set num_tokens when it has more than one)"))
     dim = getattr(conditioner, "embed_dim", None)
     if dim is not None and emb.shape[2] != dim:
         _fail(what, f"embedding width {emb.shape[2]} differs from embed_dim {dim}")

@@ -3,7 +3,11 @@
 * ``openclip-image``: an RGB picture already composited on white, in [0, 1], is resized to the
   tower's input size (224 for ViT-H-14; bicubic, antialiased), normalised with the CLIP
   mean/std and fed to ``visual``; its pooled, projected embedding (not L2-normalised) is the
-  whole cross-attention context, one token: [N, 1, D]. The unconditional context is zeros.
+  whole cross-attention context, one token: [N, 1, D] (``tokens: pooled``, Isotropic3D's).
+  ``tokens: patches`` appends every patch token (after ``ln_post``, through the same
+  projection, so in the same D-space): [N, 1 + P, D], P = (image_size / patch_size)^2 (257
+  tokens for ViT-H-14), which keeps where the parts of the picture are. The unconditional
+  context is zeros of the same shape.
 * ``openclip-text``: OpenCLIP tokens -> token + positional embedding -> every transformer block
   but the last (the "penultimate layer" of SD 2 / MVDream) -> ``ln_final``: [N, 77, D].
 
@@ -46,6 +50,9 @@ HUB_PREFIX = "hf-hub:"
 
 #: which state-dict keys a tower keeps (OpenCLIP naming)
 TOWERS = ("image", "text")
+#: the image conditioner's context layouts, and the folder-config key that records one
+IMAGE_TOKENS = ("pooled", "patches")
+TOKENS_KEY = "engine_image_tokens"
 
 
 def tiny_openclip_config() -> dict:
@@ -180,9 +187,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def save_openclip_folder(clip: nn.Module, model_cfg: dict, folder, keep: Optional[str] = None,
-                         image_size: Optional[int] = None) -> Path:
-    """Write ``open_clip_config.json`` (model_cfg + preprocess_cfg) and
-    ``open_clip_model.safetensors`` (the module's state dict, contiguous) into ``folder``."""
+                         image_size: Optional[int] = None, extra: Optional[dict] = None) -> Path:
+    """Write ``open_clip_config.json`` (model_cfg + preprocess_cfg + ``extra``'s keys, which
+    OpenCLIP ignores) and ``open_clip_model.safetensors`` (the module's state dict,
+    contiguous) into ``folder``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -195,6 +203,7 @@ def save_openclip_folder(clip: nn.Module, model_cfg: dict, folder, keep: Optiona
     }
     if keep is not None:
         config["engine_tower"] = keep
+    config.update(extra or {})
     state = {k: v.detach().contiguous() for k, v in clip.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -402,14 +411,51 @@ class _OpenCLIPConditioner(nn.Module):
 @register("conditioner", "openclip-image")
 class OpenCLIPImageConditioner(_OpenCLIPConditioner):
     """OpenCLIP image embedding (pooled, projected, not normalised) as a one-token context
-    [N, 1, D]; Isotropic3D's conditioning. Zero vector when unconditional."""
+    [N, 1, D], Isotropic3D's conditioning; with ``tokens: patches`` the projected patch tokens
+    follow it: [N, 1 + P, D]. Zeros when unconditional."""
 
     kind = "image"
     tower = "image"
 
     @dataclass
     class Config(_OpenCLIPConditioner.Config):
-        pass
+        tokens: str = "pooled"    # pooled: [N, 1, D] | patches: pooled + patch tokens [N, 1+P, D]
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.tokens not in IMAGE_TOKENS:
+                raise ConfigError(f"tokens: must be one of {', '.join(IMAGE_TOKENS)}, got "
+                                  f"{self.tokens!r}")
+
+    def __init__(self, cfg=None, device=None, clip: Optional[nn.Module] = None,
+                 model_cfg: Optional[dict] = None, key: str = DEFAULT_KEY):
+        super().__init__(cfg, device, clip, model_cfg, key)
+        if self.cfg.tokens == "patches" and getattr(self.clip.visual, "attn_pool", None) is not None:
+            raise UserError("tokens: patches needs a ViT whose patch tokens are its outputs; "
+                            "this model pools them with attention (CoCa-style): use tokens: pooled")
+
+    @classmethod
+    def from_clip(cls, clip: nn.Module, model_cfg: dict, tokens: str = "pooled"):
+        """Wrap an OpenCLIP model built elsewhere (tests, conversion)."""
+        return cls(cls.Config(tokens=tokens), clip=clip, model_cfg=model_cfg)
+
+    @classmethod
+    def from_pretrained(cls, folder, device=None, dtype=None, key: str = DEFAULT_KEY):
+        """Load a folder written by :meth:`save_pretrained` (its token layout included)."""
+        config = _read_folder_config(Path(folder), key)
+        tokens = config.get(TOKENS_KEY, "pooled")
+        if tokens not in IMAGE_TOKENS:
+            raise UserError(f"{Path(folder) / CONFIG_FILE}: {TOKENS_KEY} must be one of "
+                            f"{', '.join(IMAGE_TOKENS)}, got {tokens!r}; save the model again")
+        clip, model_cfg = load_openclip_folder(folder, cls.tower, key)
+        module = cls(cls.Config(model=str(folder), tokens=tokens), clip=clip,
+                     model_cfg=model_cfg)
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        return module.to(**kwargs) if kwargs else module
+
+    def save_pretrained(self, folder) -> Path:
+        return save_openclip_folder(self.clip, self.model_cfg, folder, keep=self.tower,
+                                    extra={TOKENS_KEY: self.cfg.tokens})
 
     @property
     def embed_dim(self) -> int:
@@ -420,16 +466,37 @@ class OpenCLIPImageConditioner(_OpenCLIPConditioner):
         size = self.clip.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
+    @property
+    def num_tokens(self) -> int:
+        """L of the context: 1, or 1 + the number of patches."""
+        if self.cfg.tokens == "pooled":
+            return 1
+        grid = self.clip.visual.grid_size
+        return 1 + int(grid[0]) * int(grid[1])
+
     def forward(self, rgb: Tensor) -> Tensor:
-        """[N, 3, H, W] in [0, 1], composited on white -> [N, 1, D] (model dtype).
+        """[N, 3, H, W] in [0, 1], composited on white -> [N, L, D] (model dtype), L =
+        :attr:`num_tokens`.
 
         Differentiable with respect to ``rgb``.
         """
-        x = clip_preprocess(rgb.to(self.device, torch.float32), self.image_size)
-        return self.clip.visual(x.to(self.dtype))[:, None, :]
+        x = clip_preprocess(rgb.to(self.device, torch.float32), self.image_size).to(self.dtype)
+        visual = self.clip.visual
+        if self.cfg.tokens == "pooled":
+            return visual(x)[:, None, :]
+        before = visual.output_tokens
+        visual.output_tokens = True     # OpenCLIP's switch for (pooled, patch tokens)
+        try:
+            pooled, patches = visual(x)
+        finally:
+            visual.output_tokens = before
+        if visual.proj is not None:     # the pooled token's projection, so both share D
+            patches = patches @ visual.proj
+        return torch.cat([pooled[:, None, :], patches], dim=1)
 
     def unconditional(self, n: int) -> Tensor:
-        return torch.zeros(n, 1, self.embed_dim, device=self.device, dtype=self.dtype)
+        return torch.zeros(n, self.num_tokens, self.embed_dim, device=self.device,
+                           dtype=self.dtype)
 
 
 @register("conditioner", "openclip-text")

@@ -348,11 +348,13 @@ class MultiViewDiffusionModel(nn.Module):
         return self._need_conditioner("text")(list(texts))
 
     def unconditional_context(self, n: int) -> Tensor:
-        """Zeros [n, 1, D] for image conditioning; the empty prompt's tokens for text."""
+        """Zeros [n, L, D] for image conditioning (L: the conditioner's ``num_tokens``, 1
+        without one); the empty prompt's tokens for text."""
         if self.info.conditioning == "text":
             return self.embed_text([""] * n)
         dim = self.unet.config.cross_attention_dim
-        return torch.zeros(n, 1, dim, device=self.device, dtype=self.dtype)
+        tokens = int(getattr(self.conditioner, "num_tokens", 1))
+        return torch.zeros(n, tokens, dim, device=self.device, dtype=self.dtype)
 
     # -- folders -----------------------------------------------------------------------
     def save_pretrained(self, folder, extra: Optional[dict] = None) -> Path:

@@ -94,6 +94,71 @@ def test_image_embedding_is_differentiable_wrt_picture(clip):
     assert all(not p.requires_grad for p in cond.parameters())
 
 
+def _hand_visual_tokens(visual, x):
+    """The tiny ViT written out: patchify, class token + positions, ln_pre, blocks, ln_post;
+    every output token through the projection."""
+    n = x.shape[0]
+    patches = visual.conv1(x).flatten(2).transpose(1, 2)            # [N, P, W]
+    cls = visual.class_embedding.view(1, 1, -1).expand(n, 1, -1)
+    h = visual.ln_pre(torch.cat([cls, patches], 1) + visual.positional_embedding)
+    for block in visual.transformer.resblocks:
+        h = block(h)
+    return visual.ln_post(h) @ visual.proj                          # [N, 1 + P, D]
+
+
+def test_patch_tokens_are_the_pooled_token_then_every_projected_patch(clip):
+    cond = OpenCLIPImageConditioner.from_clip(build_openclip(tiny_openclip_config(), seed=0),
+                                              tiny_openclip_config(), tokens="patches")
+    pooled = OpenCLIPImageConditioner.from_clip(build_openclip(tiny_openclip_config(), seed=0),
+                                                tiny_openclip_config())
+    rgb = pictures()
+    with torch.no_grad():
+        a = cond(rgb)
+        hand = _hand_visual_tokens(clip.visual, clip_preprocess(rgb, 32))
+        one = pooled(rgb)
+    assert cond.num_tokens == 17 and a.shape == (3, 17, 32)    # 32 px / patch 8: 16 patches
+    assert torch.allclose(a, hand, atol=1e-5)
+    assert torch.allclose(a[:, :1], one, atol=1e-6)             # token 0 is the pooled context
+    assert (a[:, 1] - a[:, 2]).abs().max() > 1e-3               # patches differ from each other
+    assert cond.clip.visual.output_tokens is False              # the switch is put back
+    assert torch.equal(cond.unconditional(2), torch.zeros(2, 17, 32))
+    # a patch token answers mostly to its own patch: repaint the top-left 8 px only
+    moved = rgb.clone()
+    moved[:, :, :10, :10] = 1.0 - moved[:, :, :10, :10]
+    with torch.no_grad():
+        change = (cond(moved) - a).norm(dim=-1).mean(0)         # [17]
+    assert change[1] > 2 * change[2:].median()
+    bad = pictures(1).requires_grad_(True)
+    cond(bad)[:, 1:].sum().backward()
+    assert bad.grad.abs().sum() > 0
+
+
+def test_patch_tokens_survive_the_folder_round_trip(tmp_path):
+    import json
+
+    from engine.errors import ConfigError
+
+    cond = OpenCLIPImageConditioner.from_clip(build_openclip(tiny_openclip_config(), seed=1),
+                                              tiny_openclip_config(), tokens="patches")
+    cond.save_pretrained(tmp_path / "img")
+    back = OpenCLIPImageConditioner.from_pretrained(tmp_path / "img")
+    assert back.cfg.tokens == "patches" and back.num_tokens == 17
+    rgb = pictures(2)
+    with torch.no_grad():
+        assert torch.equal(back(rgb), cond(rgb))
+    # a folder without the key (OpenCLIP's own, or saved before) is the pooled layout
+    config = tmp_path / "img" / "open_clip_config.json"
+    data = json.loads(config.read_text())
+    del data["engine_image_tokens"]
+    config.write_text(json.dumps(data))
+    assert OpenCLIPImageConditioner.from_pretrained(tmp_path / "img").num_tokens == 1
+    config.write_text(json.dumps(dict(data, engine_image_tokens="grid")))
+    with pytest.raises(UserError, match="engine_image_tokens must be one of pooled, patches"):
+        OpenCLIPImageConditioner.from_pretrained(tmp_path / "img")
+    with pytest.raises(ConfigError, match="tokens: must be one of pooled, patches, got 'all'"):
+        OpenCLIPImageConditioner.Config(tokens="all")
+
+
 # -- text embedding -----------------------------------------------------------------------
 
 def _hand_block(x, blk, heads):

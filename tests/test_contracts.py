@@ -95,8 +95,7 @@ def tiny_clip():
             OpenCLIPTextConditioner.from_clip(build_openclip(cfg, seed=1), cfg))
 
 
-@pytest.fixture(scope="module")
-def tiny_mv_model(tmp_path_factory, tiny_clip) -> Path:
+def _tiny_mv_model(folder: Path, conditioner) -> Path:
     from guidance.model import MultiViewDiffusionModel
     from guidance.mv_unet import MultiViewUNetConfig
 
@@ -104,12 +103,16 @@ def tiny_mv_model(tmp_path_factory, tiny_clip) -> Path:
                                block_out_channels=[32, 32], layers_per_block=1,
                                attention_head_dim=[2, 2], cross_attention_dim=32,
                                norm_num_groups=8)
-    model = MultiViewDiffusionModel.build_random(unet, "pixel", conditioner=tiny_clip[0], seed=0,
+    model = MultiViewDiffusionModel.build_random(unet, "pixel", conditioner=conditioner, seed=0,
                                                  init_std=0.05, conditioning="image",
                                                  camera_convention="mvdream")
-    folder = tmp_path_factory.mktemp("models") / "tiny-mv"
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_mv_model(tmp_path_factory, tiny_clip) -> Path:
+    return _tiny_mv_model(tmp_path_factory.mktemp("models") / "tiny-mv", tiny_clip[0])
 
 
 def test_multiview_sds_meets_the_contract(tiny_mv_model):
@@ -119,6 +122,19 @@ def test_multiview_sds_meets_the_contract(tiny_mv_model):
     assert g.conditioning == "image"
 
 
+def test_multiview_sds_with_a_patch_token_model(tmp_path, tiny_clip):
+    from guidance.conditioners import OpenCLIPImageConditioner
+
+    image = tiny_clip[0]
+    folder = _tiny_mv_model(tmp_path / "tiny-mv-patches", OpenCLIPImageConditioner.from_clip(
+        image.clip, image.model_cfg, tokens="patches"))
+    g = check_guidance(registry.get("guidance", "multiview-sds"),
+                       {"model": str(folder), "guidance_scale": 5.0}, size=16, views=4,
+                       steps=(0, 500))
+    assert g.context_cond.shape == (1, 17, 32) and g.context_uncond.shape == (1, 17, 32)
+    assert g.context_uncond.abs().max() == 0 and g.context_cond.abs().max() > 0
+
+
 # -- conditioners ---------------------------------------------------------------------------
 
 def test_openclip_conditioners_meet_the_contract(tiny_clip):
@@ -126,6 +142,31 @@ def test_openclip_conditioners_meet_the_contract(tiny_clip):
     check_conditioner(image)
     check_conditioner(text)
     assert image(torch.rand(3, 3, 32, 32)).shape == (3, 1, 32)
+
+
+def test_patch_token_conditioner_meets_the_contract_and_a_wrong_length_is_caught(tiny_clip):
+    from guidance.conditioners import OpenCLIPImageConditioner
+
+    image = tiny_clip[0]
+    patches = OpenCLIPImageConditioner.from_clip(image.clip, image.model_cfg, tokens="patches")
+    check_conditioner(patches)
+    assert patches(torch.rand(3, 3, 32, 32)).shape == (3, 17, 32)
+
+    class Claims(torch.nn.Module):      # says one token, gives the 17
+        kind, embed_dim, num_tokens = "image", 32, 1
+
+        def __init__(self):
+            super().__init__()
+            self.inner = patches
+
+        def forward(self, rgb):
+            return self.inner(rgb)
+
+        def unconditional(self, n):
+            return self.inner.unconditional(n)
+
+    with pytest.raises(AssertionError, match=r"shape \(2, 17, 32\), expected \[2, 1, D\]"):
+        check_conditioner(Claims())
 
 
 # -- a short run --------------------------------------------------------------------------

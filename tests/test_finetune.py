@@ -371,6 +371,43 @@ def test_image_stage_refuses_mismatched_embedding(work, text_run):
             recipe(work, "image", model=bare).read_text())))
 
 
+def test_image_stage_with_patch_tokens_keeps_them_through_ema(work, text_run, capsys):
+    spec = {"init": str(text_run / "model"),
+            "conditioner": {"model": str(work / "clip"), "tokens": "patches"}}
+    cfg = build_config(yaml.safe_load(recipe(work, "image", model=spec, lr=3e-3).read_text()))
+    job = Finetune(cfg, work / "patch-run")
+    ref = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ctx = job.model.embed_image(ref)
+    assert ctx.shape == (1, 17, 32)                  # pooled + 16 patches of the tiny ViT
+    assert torch.equal(job.model.unconditional_context(2), torch.zeros(2, 17, 32))
+    losses = fit_fixed_batch(job, 15)
+    assert all(np.isfinite(losses)) and min(losses[-3:]) < 0.5 * losses[0]
+    folder = job.save_model(15)
+    back = MultiViewDiffusionModel.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(back.embed_image(ref), job.model.embed_image(ref))
+    # stage 2 from it keeps its own conditioner, patch tokens and all
+    ema = {"init": str(folder)}
+    assert main([f"recipe={recipe(work, 'ema', model=ema)}", f"out={work / 'patch-ema'}",
+                 "steps=2"]) == 0
+    model = MultiViewDiffusionModel.from_pretrained(work / "patch-ema" / "model")
+    assert model.unconditional_context(1).shape == (1, 17, 32)
+    # asking it for another layout than it learnt, or patch tokens of a text model: one line
+    pooled = {"init": str(folder), "conditioner": {"model": str(work / "clip")}}
+    err = one_line_error(capsys, f"recipe={recipe(work, 'ema', model=pooled)}",
+                         f"out={work / 'patch-mismatch'}")
+    assert "learnt with tokens patches, this run asks for pooled" in err
+    text = dict(text_model_spec(work), conditioner={"model": str(work / "clip"),
+                                                    "tokens": "patches"})
+    err = one_line_error(capsys, f"recipe={recipe(work, 'text', model=text)}",
+                         f"out={work / 'patch-text'}")
+    assert "model.conditioner.tokens: only image conditioning has patch tokens" in err
+    err = one_line_error(capsys, f"recipe={recipe(work, 'image', model=spec)}",
+                         "model.conditioner.tokens=grid", f"out={work / 'patch-bad'}")
+    assert "model.conditioner.tokens: must be one of pooled, patches, got 'grid'" in err
+
+
 def test_ema_stage_runs_and_saves_a_plain_model(work, text_run):
     spec = {"init": str(text_run / "model"), "conditioner": {"model": str(work / "clip")}}
     assert main([f"recipe={recipe(work, 'ema', model=spec, cfg_dropout=0.5)}",
