@@ -14,6 +14,7 @@ A name resolves to recipes/finetune/NAME.yaml. Modes (``mode:``):
 * ``image`` Isotropic3D stage 1: context = the frozen OpenCLIP image embedding [B, 1, D] of a
   reference view of the object (composited on white by the loader), as the guidance computes
   it; no projection is added, so the UNet's cross-attention dim must equal D.
+  ``model.conditioner.tokens: patches`` appends the projected patch tokens: [B, 1 + P, D].
 * ``ema``   Isotropic3D stage 2 (explicit multi-view attention): as ``image``, plus the
   noise-free reference joins the joint self-attention as an extra view. Our choices: it is the
   LAST view of each group (V+1 views), its input is its clean x0 (never noised), its timestep

@@ -403,10 +403,11 @@ def check_conditioner(conditioner: nn.Module, *, kind: Optional[str] = None) -> 
     """Check a conditioner instance (an image or a text encoder).
 
     ``kind`` ("image" | "text", default ``conditioner.kind``). Image: ``forward([N,3,H,W] in
-    [0, 1]) -> [N, L, D]``, L = ``conditioner.num_tokens`` (1 when it has none); text: ``forward(list of N strings) -> [N, L, D]``. Checks finite
-    outputs of that shape (D = ``embed_dim`` when the conditioner has one), different inputs
-    give different embeddings, the same input the same embedding, ``unconditional(N)`` has the
-    same shape, and no parameter requires grad.
+    [0, 1]) -> [N, L, D]``, L = ``conditioner.num_tokens`` (1 when it has none); text:
+    ``forward(list of N strings) -> [N, L, D]``. Checks finite outputs of that shape (D =
+    ``embed_dim`` when the conditioner has one), different inputs give different embeddings,
+    the same input the same embedding, ``unconditional(N)`` has the same shape, and no
+    parameter requires grad.
     """
     kind = kind or getattr(conditioner, "kind", None)
     what = f"conditioner {_name(type(conditioner))}"

@@ -430,7 +430,8 @@ class OpenCLIPImageConditioner(_OpenCLIPConditioner):
     def __init__(self, cfg=None, device=None, clip: Optional[nn.Module] = None,
                  model_cfg: Optional[dict] = None, key: str = DEFAULT_KEY):
         super().__init__(cfg, device, clip, model_cfg, key)
-        if self.cfg.tokens == "patches" and getattr(self.clip.visual, "attn_pool", None) is not None:
+        pools = getattr(self.clip.visual, "attn_pool", None) is not None
+        if self.cfg.tokens == "patches" and pools:
             raise UserError("tokens: patches needs a ViT whose patch tokens are its outputs; "
                             "this model pools them with attention (CoCa-style): use tokens: pooled")
 

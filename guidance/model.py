@@ -340,7 +340,8 @@ class MultiViewDiffusionModel(nn.Module):
         return self.conditioner
 
     def embed_image(self, rgb: Tensor) -> Tensor:
-        """[N, 3, H, W] in [0, 1], composited on white -> context [N, 1, D]."""
+        """[N, 3, H, W] in [0, 1], composited on white -> context [N, L, D] (L = 1, or 1 +
+        the patches for a ``tokens: patches`` conditioner)."""
         return self._need_conditioner("image")(rgb)
 
     def embed_text(self, texts: Sequence[str]) -> Tensor:
