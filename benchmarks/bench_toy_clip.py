@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def load_clip(folder: Path):
@@ -49,10 +50,6 @@ def load_clip(folder: Path):
     clip = build_openclip(json.loads(config.read_text())["model_cfg"])
     clip.load_state_dict(read_weights(weights), strict=True)
     return clip.eval()
-
-
-def clip_cfg(folder: Path) -> dict:
-    return json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
 
 
 def front_on_white(path: Path) -> torch.Tensor:
@@ -76,7 +73,7 @@ def main() -> None:
     import open_clip
 
     from engine.toy_world import COLOR_NAMES, caption_for, display_name
-    from guidance.conditioners import clip_preprocess
+    from guidance.conditioners import OpenCLIPImageConditioner, clip_preprocess
 
     data = Path(args.data)
     if not (data / "dataset.json").is_file():
@@ -98,44 +95,40 @@ def main() -> None:
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     t0 = time.perf_counter()
 
+    rgb = torch.stack([front_on_white(data / o / "r0.png") for o in ids])
+    ref_rgb = torch.stack([front_on_white(data / o / "r0.png") for o in refs])
+
     @torch.no_grad()
-    def embed_images(oids):
-        out = []
-        for i in range(0, len(oids), 64):
-            rgb = torch.stack([front_on_white(data / o / "r0.png") for o in oids[i:i + 64]])
-            out.append(clip.encode_image(clip_preprocess(rgb, size), normalize=True))
-        return torch.cat(out)
+    def in_batches(features, pictures):
+        return torch.cat([features(pictures[i:i + 64]) for i in range(0, len(pictures), 64)])
 
     @torch.no_grad()
     def embed_texts(texts):
         return clip.encode_text(open_clip.tokenize(texts, context_length=clip.context_length),
                                 normalize=True)
 
-    img = embed_images(ids)
-    ref_img = embed_images(refs)
-
-    from guidance.conditioners import OpenCLIPImageConditioner
-
-    patch_cond = OpenCLIPImageConditioner.from_clip(load_clip(Path(args.clip)),
-                                                    clip_cfg(Path(args.clip)), tokens="patches")
-
-    @torch.no_grad()
-    def other_features(oids):
-        rgb = torch.stack([front_on_white(data / o / "r0.png") for o in oids])
-        patches = torch.cat([patch_cond(rgb[i:i + 64])[:, 1:].flatten(1)
-                             for i in range(0, len(oids), 64)])
-        return {"patch tokens": patches, "pixels": rgb.flatten(1) - 0.5}
-
-    def nearest_kinds(a, b):
-        a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
-        sim = a @ b.T
+    def nearest_hits(own, other):
+        """Per object of --split: is the nearest --reference-split front (cosine, the object
+        itself left out) of its kind?"""
+        sim = F.normalize(own, dim=-1) @ F.normalize(other, dim=-1).T
         for i, oid in enumerate(ids):
             sim[i, [j for j, r in enumerate(refs) if r == oid]] = -2.0
-        return sum(meta[refs[int(j)]]["kind"] == meta[o]["kind"]
-                   for o, j in zip(ids, sim.argmax(1)))
+        return [meta[refs[int(j)]]["kind"] == meta[o]["kind"] for o, j in zip(ids, sim.argmax(1))]
 
-    own, other = other_features(ids), other_features(refs)
-    nn_other = {name: nearest_kinds(own[name], other[name]) for name in own}
+    def clip_embedding(x):
+        return clip.encode_image(clip_preprocess(x, size), normalize=True)
+
+    img = in_batches(clip_embedding, rgb)
+    patch_cond = OpenCLIPImageConditioner(
+        OpenCLIPImageConditioner.Config(model=args.clip, tokens="patches"))
+
+    def patch_tokens(x):
+        return patch_cond(x)[:, 1:].flatten(1)
+
+    nn_hits = nearest_hits(img, in_batches(clip_embedding, ref_rgb))
+    nn_other = {"patch tokens": nearest_hits(in_batches(patch_tokens, rgb),
+                                             in_batches(patch_tokens, ref_rgb)),
+                "pixels": nearest_hits(rgb.flatten(1) - 0.5, ref_rgb.flatten(1) - 0.5)}
     kind_ok, colour_ok, nn_ok = Counter(), Counter(), Counter()
     total = Counter()
     for i, oid in enumerate(ids):
@@ -146,9 +139,7 @@ def main() -> None:
         by_colour = embed_texts([caption_for(display_name(kind), [c] + own[1:])
                                  for c in colours]) @ img[i]
         colour_ok[kind] += colours[int(by_colour.argmax())] == own[0]
-        sim = ref_img @ img[i]
-        sim[[j for j, r in enumerate(refs) if r == oid]] = -2.0
-        nn_ok[kind] += meta[refs[int(sim.argmax())]]["kind"] == kind
+        nn_ok[kind] += nn_hits[i]
 
     n = len(ids)
     print(f"{'kind':<10} {'objects':>7} {'kind 0-shot':>11} {'colour 0-shot':>13} "
@@ -165,7 +156,7 @@ def main() -> None:
           f"(chance {n / len(colours):.1f})")
     print(f"kind of the nearest {args.reference_split} front: {sum(nn_ok.values())}/{n}")
     for name, hits in nn_other.items():
-        print(f"  the same by {name}: {hits}/{n}")
+        print(f"  the same by {name}: {sum(hits)}/{n}")
 
 
 if __name__ == "__main__":

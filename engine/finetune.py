@@ -594,10 +594,8 @@ def _load_conditioner(spec: ConditionerConfig, kind: str):
     from guidance.conditioners import conditioner_for
 
     cls = conditioner_for(kind)
-    if kind == "image":
-        return cls(cls.Config(model=spec.model, pretrained=spec.pretrained, tokens=spec.tokens),
-                   key="model.conditioner.model")
-    return cls(cls.Config(model=spec.model, pretrained=spec.pretrained),
+    layout = {"tokens": spec.tokens} if kind == "image" else {}  # text: rejected by the config
+    return cls(cls.Config(model=spec.model, pretrained=spec.pretrained, **layout),
                key="model.conditioner.model")
 
 
@@ -652,12 +650,9 @@ def build_diffusion_model(cfg: FinetuneConfig):
 
 def _check_same_tokens(tokens: str, saved_folder: Path, init: str) -> None:
     """An image model goes on learning with the context layout it learnt with."""
-    from guidance.conditioners import CONFIG_FILE, TOKENS_KEY
+    from guidance.conditioners import saved_image_tokens
 
-    try:
-        saved = json.loads((saved_folder / CONFIG_FILE).read_text()).get(TOKENS_KEY, "pooled")
-    except (OSError, ValueError):
-        return  # from_pretrained reports an unreadable conditioner
+    saved = saved_image_tokens(saved_folder, key="model.init")
     if saved != tokens:
         raise ConfigError(f"model.conditioner.tokens: the model in {init} learnt with tokens "
                           f"{saved}, this run asks for {tokens}; set model.conditioner.tokens="

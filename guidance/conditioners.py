@@ -224,6 +224,16 @@ def _read_folder_config(folder: Path, key: str) -> dict:
     return config
 
 
+def saved_image_tokens(folder, key: str = DEFAULT_KEY) -> str:
+    """The image-context layout an OpenCLIP folder records (pooled when it records none)."""
+    folder = Path(folder)
+    tokens = _read_folder_config(folder, key).get(TOKENS_KEY, "pooled")
+    if tokens not in IMAGE_TOKENS:
+        raise UserError(f"{folder / CONFIG_FILE}: {TOKENS_KEY} must be one of "
+                        f"{', '.join(IMAGE_TOKENS)}, got {tokens!r}; save the model again")
+    return tokens
+
+
 def _folder_weights(folder: Path) -> Optional[Path]:
     for name in (WEIGHTS_FILE, "open_clip_pytorch_model.safetensors",
                  "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin"):
@@ -443,11 +453,7 @@ class OpenCLIPImageConditioner(_OpenCLIPConditioner):
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=None, key: str = DEFAULT_KEY):
         """Load a folder written by :meth:`save_pretrained` (its token layout included)."""
-        config = _read_folder_config(Path(folder), key)
-        tokens = config.get(TOKENS_KEY, "pooled")
-        if tokens not in IMAGE_TOKENS:
-            raise UserError(f"{Path(folder) / CONFIG_FILE}: {TOKENS_KEY} must be one of "
-                            f"{', '.join(IMAGE_TOKENS)}, got {tokens!r}; save the model again")
+        tokens = saved_image_tokens(folder, key)
         clip, model_cfg = load_openclip_folder(folder, cls.tower, key)
         module = cls(cls.Config(model=str(folder), tokens=tokens), clip=clip,
                      model_cfg=model_cfg)
