@@ -2,7 +2,7 @@
 
     python benchmarks/bench_toy_views.py [--model models/toy/stage2] [--data data/toy]
         [--split heldout] [--limit 20] [--steps 30] [--scale 2] [--seed 0] [--seeds 2]
-        [--object-fraction 0.7] [--out outputs/bench-views]
+        [--object-fraction 0.7] [--condition image|caption] [--out outputs/bench-views]
 
 For every object of the split: its canonical front view (r0.png) goes through
 ``python -m guidance.sample`` (4 views, elevation 15, azimuths 0/90/180/270), once per seed
@@ -13,7 +13,12 @@ cameras (engine.view_scores), averaged over the seeds. Prints per object: its ow
 IoU (mean and worst view), the object whose truth the views match best, the rank of its own
 truth, the hue error; then the summary: mean own IoU, the swap-test accuracy over pairs of
 different kinds (chance 0.5; blind to size), how many objects are identified (own truth the
-best match; biased to big compact truths), and the hue. The grids and scores.json go to --out.
+best match; biased to big compact truths), the right kind (the best match's kind; also on
+scores centred per truth, engine.view_scores.right_kind_share, which discounts the truth every
+blob overlaps, with its chance), and the hue. The grids and scores.json go to --out.
+``--condition caption`` gives a text model (models/toy/text) the object's caption instead of
+its picture: whether the multi-view model can draw a kind when it is told the kind in words,
+which tells a weak UNet from a weak image conditioning.
 The data folder is the models' own dataset (``python -m engine.toy_world out=data/toy``).
 """
 
@@ -38,6 +43,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--object-fraction", type=float, default=0.7)
+    ap.add_argument("--condition", choices=("image", "caption"), default="image")
     ap.add_argument("--out", default="outputs/bench-views")
     args = ap.parse_args()
 
@@ -60,10 +66,15 @@ def main() -> None:
     t0 = time.perf_counter()
     for oid in ids:
         mesh = trimesh.load(data / oid / "mesh.obj", force="mesh", process=False)
-        kinds[oid] = json.loads((data / oid / "object.json").read_text()).get("kind", "?")
+        record = json.loads((data / oid / "object.json").read_text())
+        kinds[oid] = record.get("kind", "?")
+        if args.condition == "caption" and not record.get("caption"):
+            raise SystemExit(f"error: {oid} has no caption; --condition caption needs one")
+        condition = (f"prompt={record['caption']}" if args.condition == "caption"
+                     else f"image={data / oid / 'r0.png'}")
         for seed in range(args.seed, args.seed + args.seeds):
             grid = out / f"{oid}-seed{seed}.png"
-            code = sample([f"image={data / oid / 'r0.png'}", f"out={grid}",
+            code = sample([condition, f"out={grid}",
                            f"model={args.model}", f"steps={args.steps}", f"scale={args.scale}",
                            f"seed={seed}", f"object_fraction={args.object_fraction}",
                            "device=cpu"])
@@ -90,17 +101,21 @@ def main() -> None:
               f"{best + ' (' + kinds[best] + ')':<20} {rank:4d} {hue_err:7.1f}")
     n = len(rows)
     summary = {
-        "model": args.model, "objects": n, "seeds": args.seeds, "seconds": round(seconds, 1),
+        "model": args.model, "condition": args.condition, "objects": n, "seeds": args.seeds, "seconds": round(seconds, 1),
         "mean_own_iou": float(np.mean([r["own_iou"] for r in rows])),
         "swap_test": vs.swap_test_accuracy(m, [kinds[o] for o in ids]),
         "identified": int(sum(r["rank"] == 1 for r in rows)),
         "right_kind": int(sum(r["best_kind"] == r["kind"] for r in rows)),
+        "right_kind_centred": float(vs.right_kind_share(m, [kinds[o] for o in ids]).sum()),
+        "right_kind_chance": float(sum([kinds[o] for o in ids].count(kinds[o]) for o in ids) / n),
         "mean_rank": float(np.mean([r["rank"] for r in rows])),
         "hue_within_30": int(sum(r["hue_error"] <= 30 for r in rows)),
     }
     print(f"\n{args.model}: {n} objects, mean own IoU {summary['mean_own_iou']:.3f}, "
           f"swap test {summary['swap_test']:.3f} (chance 0.5), "
-          f"identified {summary['identified']}/{n}, right kind {summary['right_kind']}/{n}, "
+          f"identified {summary['identified']}/{n}, right kind {summary['right_kind']}/{n} "
+          f"({summary['right_kind_centred']:g}/{n} centred, chance "
+          f"{summary['right_kind_chance']:.1f}), "
           f"mean rank {summary['mean_rank']:.2f} (chance {(n + 1) / 2:.1f}), hue within 30 deg "
           f"{summary['hue_within_30']}/{n}; sampling {seconds:.0f} s")
     out.mkdir(parents=True, exist_ok=True)

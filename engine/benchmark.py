@@ -15,10 +15,10 @@ DIR/data unless data= names one). Each row is scored by
 The recipe name ``initial`` is the "initial shape, no optimisation" baseline: the first stage's
 representation of ``initial_from`` (default fit-image), built fresh and exported.
 
-When every row has run, a shape check per recipe: the swap test on Chamfer distance
-(:func:`shape_swap`; chance 0.5) - do the meshes lie closer to their own objects' truths than
-to each other's? Unlike the mean Chamfer, this does not reward a blob that is equally near
-everything.
+When every row has run, shape checks per recipe (:func:`shape_checks`, on Chamfer distance):
+the swap test (chance 0.5) - do the meshes lie closer to their own objects' truths than to
+each other's? - and the right kind - is the truth a mesh lies unusually near of its object's
+kind? Unlike the mean Chamfer, neither rewards a blob that is equally near everything.
 
 DIR gets results.json, results.md, chart.png and contact_sheet.png, rewritten after every
 row. Exit code: 0 all rows ran, 1 some failed (tables still written), 2 user error.
@@ -247,17 +247,27 @@ def run_row(recipe: str, obj: Path, out: Path, args: dict) -> dict:
     return row
 
 
-def shape_swap(rows: List[dict], objects: Dict[str, Path], recipes: Sequence[str],
-               samples: int = 3000) -> Dict[str, Optional[float]]:
-    """Per recipe: the fraction of pairs of its finished rows (objects of different kinds, as
-    object.json says) whose meshes are nearer their own truths than swapped,
-    ``C[i,i] + C[j,j] < C[i,j] + C[j,i]`` with C the yaw-aligned Chamfer distance of mesh i to
-    truth j (engine.view_scores.swap_test_accuracy on -C). None: fewer than one such pair.
-    A lighter comparison than the rows' (``samples`` points, no ICP): only the order counts."""
+def shape_checks(rows: List[dict], objects: Dict[str, Path], recipes: Sequence[str],
+                 samples: int = 3000) -> Dict[str, Dict[str, Optional[float]]]:
+    """Per recipe, two checks of its finished rows' meshes against the truths of the same rows,
+    on C[i, j], the yaw-aligned Chamfer distance of mesh i to truth j (kinds from
+    object.json). A lighter comparison than the rows' (``samples`` points, no ICP): only the
+    order counts.
+
+    * ``shape_swap``: the fraction of pairs of objects of different kinds whose meshes are
+      nearer their own truths than swapped, ``C[i,i] + C[j,j] < C[i,j] + C[j,i]``
+      (engine.view_scores.swap_test_accuracy on -C; chance 0.5);
+    * ``right_kind``: of how many meshes the truth they are *unusually* near (each truth's
+      distances centred on their mean first; engine.view_scores.right_kind_share on -C) is
+      of their own kind (ties shared), with ``right_kind_chance``, what one blob for every
+      object would score (each object's kind's share of the rows), and ``kind_rows``.
+
+    Each finished row gets ``nearest_truth`` (that truth's object name). All None where the
+    recipe has fewer than two finished rows of different kinds."""
     import numpy as np
 
     from engine.metrics import compare_meshes, load_mesh
-    from engine.view_scores import swap_test_accuracy
+    from engine.view_scores import right_kind_share, swap_test_accuracy
 
     def kind(obj: Path) -> str:
         try:
@@ -266,11 +276,12 @@ def shape_swap(rows: List[dict], objects: Dict[str, Path], recipes: Sequence[str
             return obj.name
 
     truths: Dict[str, object] = {}
-    out: Dict[str, Optional[float]] = {}
+    out: Dict[str, Dict[str, Optional[float]]] = {}
     for recipe in recipes:
         ok = [r for r in rows if r["recipe"] == recipe and r["ok"]]
         kinds = [kind(objects[r["object"]]) for r in ok]
-        out[recipe] = None
+        out[recipe] = dict.fromkeys(("shape_swap", "right_kind", "right_kind_chance",
+                                     "kind_rows"))
         if len(set(kinds)) < 2:
             continue
         try:   # finished rows were scored against these files: they load
@@ -280,10 +291,17 @@ def shape_swap(rows: List[dict], objects: Dict[str, Path], recipes: Sequence[str
             meshes = [load_mesh(r["mesh"]) for r in ok]
             c = np.array([[compare_meshes(m, truths[r["object"]], samples=samples, icp=False,
                                           resolution=16).chamfer for r in ok] for m in meshes])
-        except Exception as exc:   # the check must not cost the table
-            print(f"shape swap of {recipe} skipped: {exc}", file=sys.stderr)
+        except Exception as exc:   # the checks must not cost the table
+            print(f"shape checks of {recipe} skipped: {exc}", file=sys.stderr)
             continue
-        out[recipe] = swap_test_accuracy(-c, kinds)
+        centred = c - c.mean(axis=0, keepdims=True)
+        for r, row in zip(ok, centred):
+            r["nearest_truth"] = ok[int(np.argmin(row))]["object"]
+        out[recipe] = {
+            "shape_swap": swap_test_accuracy(-c, kinds),
+            "right_kind": float(right_kind_share(-c, kinds).sum()),
+            "right_kind_chance": float(sum(kinds.count(k) for k in kinds) / len(kinds)),
+            "kind_rows": len(kinds)}
     return out
 
 
@@ -320,27 +338,34 @@ def markdown(rows: List[dict], mean: Dict[str, dict], command: str) -> str:
                          f"{r.get('error', '').replace('|', '/')[:120]} | | | | | "
                          f"{_fmt(r.get('seconds'), 1)} |")
     lines += ["", "Means per recipe (failed rows left out"
-              + ("; shape swap: pairs of objects whose meshes are nearer their own truths "
-                 "than swapped, chance 0.5" if swap else "") + "):", "",
+              + ("; shape swap: pairs of objects of different kinds whose meshes are nearer "
+                 "their own truths than swapped, chance 0.5; right kind: meshes whose "
+                 "unusually near truth is of their own kind, of the finished rows (chance)"
+                 if swap else "") + "):", "",
               "| recipe | rows | failed | chamfer ↓ | IoU ↑ | F-score ↑ | PSNR ↑ | SSIM ↑ | "
-              + ("shape swap ↑ | " if swap else "") + "seconds |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if swap else "") + "---:|"]
+              + ("shape swap ↑ | right kind ↑ | " if swap else "") + "seconds |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if swap else "")
+              + "---:|"]
     for name, m in mean.items():
+        kind = "—"
+        if m.get("right_kind") is not None:
+            kind = (f"{m['right_kind']:g} / {m['kind_rows']} "
+                    f"({m['right_kind_chance']:.1f})")
         lines.append(f"| {name} | {m['rows']} | {m['failed']} | {_fmt(m['chamfer'])} | "
                      f"{_fmt(m['volume_iou'], 3)} | {_fmt(m['f_score'], 3)} | "
                      f"{_fmt(m['psnr'], 2)} | {_fmt(m['ssim'], 3)} | "
-                     + (f"{_fmt(m.get('shape_swap'), 3)} | " if swap else "")
+                     + (f"{_fmt(m.get('shape_swap'), 3)} | {kind} | " if swap else "")
                      + f"{_fmt(m['seconds'], 1)} |")
     return "\n".join(lines) + "\n"
 
 
 def write_tables(out: Path, rows: List[dict], args: dict, command: str,
-                 swap: Optional[Dict[str, Optional[float]]] = None) -> dict:
+                 checks: Optional[Dict[str, Dict[str, Optional[float]]]] = None) -> dict:
     from engine.checkpoint import atomic_write_text
 
     mean = means(rows, args["recipes"])
-    for name, value in (swap or {}).items():
-        mean[name]["shape_swap"] = value
+    for name, values in (checks or {}).items():
+        mean[name].update(values)
     settings = {k: args[k] for k in ("bench", "recipes", "objects", "seed", "data",
                                       "initial_from", "samples", "overrides")}
     result = {"command": command, "settings": settings, "rows": rows, "means": mean}
@@ -453,7 +478,7 @@ def run(argv: List[str]) -> int:
         contact_sheet(rows, by_name, out / "contact_sheet.png")
         bar.update(1)
     bar.close()
-    write_tables(out, rows, args, command, shape_swap(rows, by_name, args["recipes"]))
+    write_tables(out, rows, args, command, shape_checks(rows, by_name, args["recipes"]))
     print((out / "results.md").read_text(), end="")
     print(f"results: {out / 'results.json'}")
     return 0 if all(r["ok"] for r in rows) else 1

@@ -96,6 +96,27 @@ def swap_test_accuracy(matrix: np.ndarray, kinds: Sequence[str] = ()) -> float:
     return wins / pairs if pairs else float("nan")
 
 
+def right_kind_share(matrix: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
+    """Per row i of a score matrix (higher = row i fits column j's truth better; one kind per
+    object, rows and columns in the same order): 1 when the truth row i fits *unusually* well
+    is of row i's kind, 0 when not; a tie of several truths counts their share of that kind.
+
+    "Unusually": each column is centred on its mean over the rows first, ``m[i, j] -
+    mean_k m[k, j]``, so a big compact truth that every blob overlaps does not win every row
+    (the plain argmax's bias). Identical rows (one blob for every object) get exactly the
+    share of their kind among all objects: chance. Own truth included, so a right kind can be
+    the object itself or another object of its kind.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    centred = m - m.mean(axis=0, keepdims=True)
+    kinds = list(kinds)
+    out = np.zeros(len(m))
+    for i, row in enumerate(centred):
+        best = np.flatnonzero(row >= row.max() - 1e-9 * max(1.0, abs(row.max())))
+        out[i] = np.mean([kinds[j] == kinds[i] for j in best])
+    return out
+
+
 def truth_hue(truth: np.ndarray) -> float:
     """Hue of a truth render's covered pixels (uint8 [..., 4])."""
     return mean_hue(truth[..., :3][truth[..., 3] > 127])

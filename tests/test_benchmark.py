@@ -137,8 +137,8 @@ def test_export_failure_is_a_recorded_row(bench, tmp_path):
     assert all(r["seconds"] >= 0.0 for r in rows)
 
 
-def test_shape_swap_prefers_own_truths(tmp_path):
-    from engine.benchmark import shape_swap
+def test_shape_checks_prefer_own_truths(tmp_path):
+    from engine.benchmark import shape_checks
 
     shapes = {"tall": (0.2, 0.3, 1.0), "flat": (1.0, 0.8, 0.2), "also-tall": (0.25, 0.2, 0.9)}
     objects, rows = {}, []
@@ -157,11 +157,22 @@ def test_shape_swap_prefers_own_truths(tmp_path):
     wrong = {"tall": rows[1]["mesh"], "flat": rows[0]["mesh"]}
     rows += [{"recipe": "wrong", "object": n, "ok": True, "mesh": m} for n, m in wrong.items()]
     rows.append({"recipe": "broken", "object": "tall", "ok": False})
-    swap = shape_swap(rows, objects, ["right", "wrong", "broken"], samples=1000)
+    checks = shape_checks(rows, objects, ["right", "wrong", "broken"], samples=1000)
     # pairs of different kinds: (tall, flat) and (flat, also-tall); tall/also-tall left out
-    assert swap["right"] == 1.0
-    assert swap["wrong"] == 0.0
-    assert swap["broken"] is None
+    assert checks["right"]["shape_swap"] == 1.0
+    assert checks["wrong"]["shape_swap"] == 0.0
+    assert checks["broken"]["shape_swap"] is None
+    # every right mesh lies unusually near a truth of its kind (tall may pick also-tall);
+    # chance: a blob for all would score 2/3 + 1/3 + 2/3
+    assert checks["right"]["right_kind"] == 3.0
+    assert checks["right"]["right_kind_chance"] == pytest.approx(5 / 3)
+    assert checks["right"]["kind_rows"] == 3
+    assert rows[1]["nearest_truth"] == "flat"
+    assert rows[0]["nearest_truth"] in ("tall", "also-tall")
+    # the exchanged meshes each lie near the other kind's truth
+    assert checks["wrong"]["right_kind"] == 0.0
+    assert [r["nearest_truth"] for r in rows[3:5]] == ["flat", "tall"]
+    assert checks["broken"]["right_kind"] is None
 
 
 def test_bench_world_holds_out_what_the_toy_models_never_saw():
@@ -176,3 +187,17 @@ def test_bench_world_holds_out_what_the_toy_models_never_saw():
     bench = split_ids(ids[:DATA_COUNT], DATA_HELDOUT, DEFAULTS["seed"])
     assert bench["heldout"] == trained_on["heldout"]
     assert not set(bench["heldout"]) & set(trained_on["train"])
+
+
+def test_means_table_shows_the_shape_checks():
+    from engine.benchmark import markdown
+
+    row = {"recipe": "r", "object": "obj_1", "ok": True, "chamfer": 0.1, "volume_iou": 0.3,
+           "f_score": 0.2, "psnr": 13.0, "ssim": 0.6, "seconds": 9.0}
+    mean = means([row], ["r"])
+    mean["r"].update(shape_swap=0.75, right_kind=2.5, right_kind_chance=1.5, kind_rows=4)
+    md = markdown([row], mean, "cmd")
+    assert "| shape swap ↑ | right kind ↑ | seconds |" in md
+    assert "| 0.750 | 2.5 / 4 (1.5) | 9.0 |" in md
+    # without the checks (a table written while rows still run) neither column is there
+    assert "right kind" not in markdown([row], means([row], ["r"]), "cmd")

@@ -82,3 +82,23 @@ def test_swap_test_sees_shape_not_size():
     # same-kind pairs are left out; ties count half
     assert vs.swap_test_accuracy(swapped, kinds=["box", "box", "mug"]) == 1.0
     assert vs.swap_test_accuracy(np.ones((2, 2))) == 0.5
+
+
+def test_right_kind_share_discounts_the_truth_every_blob_fits():
+    # truth 1 (a big compact shape) overlaps every row's views most: the plain argmax gives
+    # all three rows kind "box"; centred on each truth's mean, each row's own truth stands out
+    m = np.array([[0.50, 0.60, 0.10],
+                  [0.05, 0.30, 0.00],
+                  [0.20, 0.45, 0.40]])
+    kinds = ["mug", "box", "lamp"]
+    assert list(m.argmax(axis=1)) == [1, 1, 1]
+    # column means 0.25, 0.45, 0.1667: centred row 0 = (0.25, 0.15, -0.07), row 1 =
+    # (-0.2, -0.15, -0.17), row 2 = (-0.05, 0.0, 0.23)
+    assert list(vs.right_kind_share(m, kinds)) == [1.0, 1.0, 1.0]
+    # truths 0 and 2 exchanged: row 0 now fits truth 2 unusually well (centred -0.07, 0.15,
+    # 0.25); wrong if object 2 is a lamp, right if it is another mug
+    assert vs.right_kind_share(m[:, [2, 1, 0]], ["mug", "box", "lamp"])[0] == 0.0
+    assert vs.right_kind_share(m[:, [2, 1, 0]], ["mug", "box", "mug"])[0] == 1.0
+    # one blob for every object: all truths tie, each row gets its kind's share (chance)
+    blob = np.tile([0.3, 0.6, 0.2, 0.4], (4, 1))
+    assert list(vs.right_kind_share(blob, ["a", "a", "b", "c"])) == [0.5, 0.5, 0.25, 0.25]
