@@ -101,7 +101,8 @@ def main() -> None:
               f"{best + ' (' + kinds[best] + ')':<20} {rank:4d} {hue_err:7.1f}")
     n = len(rows)
     summary = {
-        "model": args.model, "condition": args.condition, "objects": n, "seeds": args.seeds, "seconds": round(seconds, 1),
+        "model": args.model, "condition": args.condition, "objects": n, "seeds": args.seeds,
+        "seconds": round(seconds, 1),
         "mean_own_iou": float(np.mean([r["own_iou"] for r in rows])),
         "swap_test": vs.swap_test_accuracy(m, [kinds[o] for o in ids]),
         "identified": int(sum(r["rank"] == 1 for r in rows)),
