@@ -262,8 +262,8 @@ def shape_checks(rows: List[dict], objects: Dict[str, Path], recipes: Sequence[s
       of their own kind (ties shared), with ``right_kind_chance``, what one blob for every
       object would score (each object's kind's share of the rows), and ``kind_rows``.
 
-    Each finished row gets ``nearest_truth`` (that truth's object name). All None where the
-    recipe has fewer than two finished rows of different kinds."""
+    Each finished row gets ``nearest_truth`` (that truth's object name; None for a tie). All
+    None where the recipe has fewer than two finished rows of different kinds."""
     import numpy as np
 
     from engine.metrics import compare_meshes, load_mesh
@@ -295,8 +295,9 @@ def shape_checks(rows: List[dict], objects: Dict[str, Path], recipes: Sequence[s
             print(f"shape checks of {recipe} skipped: {exc}", file=sys.stderr)
             continue
         centred = c - c.mean(axis=0, keepdims=True)
-        for r, row in zip(ok, centred):
-            r["nearest_truth"] = ok[int(np.argmin(row))]["object"]
+        for r, row in zip(ok, centred):   # None where truths tie (one blob for all)
+            best = np.flatnonzero(row <= row.min() + 1e-9 * max(1.0, abs(row.min())))
+            r["nearest_truth"] = ok[int(best[0])]["object"] if len(best) == 1 else None
         out[recipe] = {
             "shape_swap": swap_test_accuracy(-c, kinds),
             "right_kind": float(right_kind_share(-c, kinds).sum()),

@@ -157,7 +157,10 @@ def test_shape_checks_prefer_own_truths(tmp_path):
     wrong = {"tall": rows[1]["mesh"], "flat": rows[0]["mesh"]}
     rows += [{"recipe": "wrong", "object": n, "ok": True, "mesh": m} for n, m in wrong.items()]
     rows.append({"recipe": "broken", "object": "tall", "ok": False})
-    checks = shape_checks(rows, objects, ["right", "wrong", "broken"], samples=1000)
+    # recipe "blob": one mesh for every object, as the untrained initial shape
+    rows += [{"recipe": "blob", "object": n, "ok": True, "mesh": rows[0]["mesh"]}
+             for n in shapes]
+    checks = shape_checks(rows, objects, ["right", "wrong", "broken", "blob"], samples=1000)
     # pairs of different kinds: (tall, flat) and (flat, also-tall); tall/also-tall left out
     assert checks["right"]["shape_swap"] == 1.0
     assert checks["wrong"]["shape_swap"] == 0.0
@@ -173,6 +176,10 @@ def test_shape_checks_prefer_own_truths(tmp_path):
     assert checks["wrong"]["right_kind"] == 0.0
     assert [r["nearest_truth"] for r in rows[3:5]] == ["flat", "tall"]
     assert checks["broken"]["right_kind"] is None
+    # the blob is equally near-or-far from each truth whatever the object: chance, no nearest
+    assert checks["blob"]["right_kind"] == pytest.approx(checks["blob"]["right_kind_chance"])
+    assert checks["blob"]["shape_swap"] == 0.5
+    assert [r["nearest_truth"] for r in rows[-3:]] == [None, None, None]
 
 
 def test_bench_world_holds_out_what_the_toy_models_never_saw():
