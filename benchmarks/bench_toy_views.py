@@ -100,15 +100,16 @@ def main() -> None:
         print(f"{oid:<10} {kinds[oid]:<9} {ious.mean():7.3f} {ious.min():6.3f} "
               f"{best + ' (' + kinds[best] + ')':<20} {rank:4d} {hue_err:7.1f}")
     n = len(rows)
+    kind_list = [kinds[o] for o in ids]
     summary = {
         "model": args.model, "condition": args.condition, "objects": n, "seeds": args.seeds,
         "seconds": round(seconds, 1),
         "mean_own_iou": float(np.mean([r["own_iou"] for r in rows])),
-        "swap_test": vs.swap_test_accuracy(m, [kinds[o] for o in ids]),
+        "swap_test": vs.swap_test_accuracy(m, kind_list),
         "identified": int(sum(r["rank"] == 1 for r in rows)),
         "right_kind": int(sum(r["best_kind"] == r["kind"] for r in rows)),
-        "right_kind_centred": float(vs.right_kind_share(m, [kinds[o] for o in ids]).sum()),
-        "right_kind_chance": float(sum([kinds[o] for o in ids].count(kinds[o]) for o in ids) / n),
+        "right_kind_centred": float(vs.right_kind_share(m, kind_list).sum()),
+        "right_kind_chance": float(sum(kind_list.count(k) for k in kind_list) / n),
         "mean_rank": float(np.mean([r["rank"] for r in rows])),
         "hue_within_30": int(sum(r["hue_error"] <= 30 for r in rows)),
     }
