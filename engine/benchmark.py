@@ -267,7 +267,7 @@ def shape_checks(rows: List[dict], objects: Dict[str, Path], recipes: Sequence[s
     import numpy as np
 
     from engine.metrics import compare_meshes, load_mesh
-    from engine.view_scores import right_kind_share, swap_test_accuracy
+    from engine.view_scores import right_kind_share, swap_test_accuracy, unusual_matches
 
     def kind(obj: Path) -> str:
         try:
@@ -294,9 +294,7 @@ def shape_checks(rows: List[dict], objects: Dict[str, Path], recipes: Sequence[s
         except Exception as exc:   # the checks must not cost the table
             print(f"shape checks of {recipe} skipped: {exc}", file=sys.stderr)
             continue
-        centred = c - c.mean(axis=0, keepdims=True)
-        for r, row in zip(ok, centred):   # None where truths tie (one blob for all)
-            best = np.flatnonzero(row <= row.min() + 1e-9 * max(1.0, abs(row.min())))
+        for r, best in zip(ok, unusual_matches(-c)):   # None where truths tie (one blob)
             r["nearest_truth"] = ok[int(best[0])]["object"] if len(best) == 1 else None
         out[recipe] = {
             "shape_swap": swap_test_accuracy(-c, kinds),

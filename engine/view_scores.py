@@ -19,7 +19,7 @@ toy world frames its canonical front view (fovy 40, bounding sphere filling 80% 
 from __future__ import annotations
 
 import colorsys
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -96,25 +96,28 @@ def swap_test_accuracy(matrix: np.ndarray, kinds: Sequence[str] = ()) -> float:
     return wins / pairs if pairs else float("nan")
 
 
-def right_kind_share(matrix: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
-    """Per row i of a score matrix (higher = row i fits column j's truth better; one kind per
-    object, rows and columns in the same order): 1 when the truth row i fits *unusually* well
-    is of row i's kind, 0 when not; a tie of several truths counts their share of that kind.
-
-    "Unusually": each column is centred on its mean over the rows first, ``m[i, j] -
-    mean_k m[k, j]``, so a big compact truth that every blob overlaps does not win every row
-    (the plain argmax's bias). Identical rows (one blob for every object) get exactly the
-    share of their kind among all objects: chance. Own truth included, so a right kind can be
-    the object itself or another object of its kind.
-    """
+def unusual_matches(matrix: np.ndarray) -> List[np.ndarray]:
+    """Per row i of a score matrix (higher = row i fits column j's truth better): the columns
+    row i fits *unusually* well, ``argmax_j m[i, j] - mean_k m[k, j]`` - each column centred on
+    its mean over the rows first, so a big compact truth that every blob overlaps does not win
+    every row (the plain argmax's bias). Several columns where they tie (identical rows: one
+    blob for every object ties all of them)."""
     m = np.asarray(matrix, dtype=np.float64)
     centred = m - m.mean(axis=0, keepdims=True)
+    return [np.flatnonzero(row >= row.max() - 1e-9 * max(1.0, abs(row.max())))
+            for row in centred]
+
+
+def right_kind_share(matrix: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
+    """Per row i of a score matrix (as :func:`unusual_matches`; one kind per object, rows and
+    columns in the same order): 1 when the truth row i fits unusually well is of row i's kind,
+    0 when not; a tie of several truths counts their share of that kind. Identical rows get
+    exactly the share of their kind among all objects: chance. Own truth included, so a right
+    kind can be the object itself or another object of its kind.
+    """
     kinds = list(kinds)
-    out = np.zeros(len(m))
-    for i, row in enumerate(centred):
-        best = np.flatnonzero(row >= row.max() - 1e-9 * max(1.0, abs(row.max())))
-        out[i] = np.mean([kinds[j] == kinds[i] for j in best])
-    return out
+    return np.array([np.mean([kinds[j] == kinds[i] for j in best])
+                     for i, best in enumerate(unusual_matches(matrix))])
 
 
 def truth_hue(truth: np.ndarray) -> float:
