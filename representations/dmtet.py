@@ -15,6 +15,7 @@ of the last render.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -29,6 +30,7 @@ from engine.registry import register
 from representations import marching_tets as mt
 from representations import rasterizer
 from representations.encodings import HashGridConfig
+from representations.level_match import silhouette_level
 from representations.mesh_render import render_mesh
 from representations.nerf import ColorField
 from representations.shading import (ShadingConfig, choose_shading, random_light_positions,
@@ -36,6 +38,7 @@ from representations.shading import (ShadingConfig, choose_shading, random_light
 from representations.tets import cut_cell_tets, tet_grid
 
 INIT_SHAPES = ("sphere", "none")
+INIT_LEVELS = ("fixed", "silhouette")
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,8 +109,12 @@ class DMTet(Representation):
         deform_scale: float = 1.0
         init_shape: str = "sphere"       # sphere | none (empty; for create_from / loading)
         init_radius: float = 0.5
-        # create_from: sdf = init_threshold - density(grid vertex), inside where dense;
-        # None: the previous stage's cfg.isosurface_threshold when it has one, else 10
+        # create_from: sdf = level - density(grid vertex), inside where dense. The level:
+        #   fixed: init_threshold; None: the previous stage's isosurface_threshold, else 10
+        #   silhouette: the level whose silhouettes from 16 ring cameras best match where the
+        #     previous stage renders opaque (representations.level_match); init_threshold
+        #     (as above) only when it renders nothing opaque
+        init_level: str = "fixed"
         init_threshold: Optional[float] = None
         # ...clamped to +- init_clamp (0: no clamp) so its scale suits the geometry lr
         init_clamp: float = 1.0
@@ -131,6 +138,9 @@ class DMTet(Representation):
             if not 0 < self.init_radius < self.bound:
                 raise ConfigError(f"init_radius: must be in (0, bound={self.bound}), got "
                                   f"{self.init_radius}")
+            if self.init_level not in INIT_LEVELS:
+                raise ConfigError(f"init_level: '{self.init_level}' is not one of "
+                                  f"{', '.join(INIT_LEVELS)}")
             if self.init_clamp < 0:
                 raise ConfigError(f"init_clamp: must be >= 0, got {self.init_clamp}")
             if self.color_hidden < 1 or self.color_layers < 0:
@@ -248,19 +258,35 @@ class DMTet(Representation):
     @classmethod
     def create_from(cls, previous: Representation, cfg: "DMTet.Config" = None,
                     device=None) -> "DMTet":
-        """A DMTet whose SDF is ``init_threshold - previous.density(grid vertices)`` (negative
-        where the previous stage is dense), clamped to +- ``init_clamp``, and whose colour
-        field is a deep copy of ``previous.color_field`` (``cfg.color`` is then unused).
-        A previous stage without ``density`` and ``color_field`` is a ConfigError."""
+        """A DMTet whose SDF is ``level - previous.density(grid vertices)`` (negative where
+        the previous stage is dense), clamped to +- ``init_clamp``, and whose colour field is
+        a deep copy of ``previous.color_field`` (``cfg.color`` is then unused). The level is
+        ``cfg.init_threshold`` or chosen from the previous stage's silhouettes (see
+        ``Config.init_level``); it is kept in ``rep.init_level`` and, when chosen, the match
+        in ``rep.init_match``. A previous stage without ``density`` and ``color_field`` is a
+        ConfigError."""
         if not hasattr(previous, "density") or not hasattr(previous, "color_field"):
             return super().create_from(previous, cfg, device)
         cfg = cfg or cls.Config()
         rep = cls(cfg, device=device)
+        points = rep.grid_vertices
+        previous_cfg = getattr(previous, "cfg", None)
         threshold = cfg.init_threshold
         if threshold is None:
-            previous_cfg = getattr(previous, "cfg", None)
             threshold = float(getattr(previous_cfg, "isosurface_threshold", 10.0))
-        points = rep.grid_vertices
+        rep.init_match = None
+        if cfg.init_level == "silhouette":
+            radius = float(getattr(previous_cfg, "radius", cfg.bound))
+            rep.init_match = silhouette_level(previous.density, radius, device=points.device)
+            if rep.init_match is None:
+                print(f"dmtet: the previous stage renders nothing opaque; starting from its "
+                      f"level {threshold:g} instead of a silhouette match", file=sys.stderr)
+            else:
+                threshold = rep.init_match.level
+                print(f"dmtet: starting from the previous stage's density level "
+                      f"{threshold:.3g}, whose silhouettes match its volume render at IoU "
+                      f"{rep.init_match.iou:.2f}", file=sys.stderr)
+        rep.init_level = threshold
         with torch.no_grad():
             density = torch.cat([previous.density(chunk).reshape(-1)
                                  for chunk in points.split(1 << 16)])
