@@ -1,7 +1,8 @@
 """``python -m engine.toy_models``: re-create the toy models from scratch, seeded.
 
     python -m engine.toy_models [out=models/toy] [data=data/toy] [count=200] [heldout=20]
-        [heldout_pool=0] [seed=0] [steps_scale=1.0] [device=auto] [threads=0]
+        [heldout_pool=0] [seed=0] [steps_scale=1.0] [width=1] [batch=0] [device=auto]
+        [threads=0]
 
 The chain (../shared/DESIGN.md section 5), each step through the same commands a user runs:
 
@@ -15,7 +16,10 @@ Finished steps are skipped when the command is run again (their ``model/`` exist
 interrupted chain continues. The models end up in ``out``: ``clip/``, ``text/``,
 ``stage1/`` and ``stage2/``, with ``manifest.json`` (the command, the settings, and each
 training's steps, wall time and final loss); ``steps_scale`` scales every training (tests
-shorten it; a longer one makes better models).
+shorten it; a longer one makes better models). ``width`` multiplies the multi-view UNet's
+channels and attention heads (its heads stay 32-d; stages 1 and 2 inherit the text model's
+architecture) and ``batch``, when > 0, replaces the diffusion trainings' batch size (objects
+per step): the knobs for a bigger model on a GPU, where the shipped sizes underfit.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import List, Optional
 STAGES = (("clip", "toy-clip"), ("text", "toy-text"), ("stage1", "toy-image"),
           ("stage2", "toy-ema"))
 DEFAULTS = dict(out="models/toy", data="data/toy", count=200, heldout=20, heldout_pool=0,
-                seed=0, steps_scale=1.0, device="auto", threads=0)
+                seed=0, steps_scale=1.0, width=1, batch=0, device="auto", threads=0)
 #: side of the toy world's renders the models train on
 DATA_SIZE = 64
 
@@ -57,14 +61,28 @@ def parse(argv: List[str]) -> dict:
         raise ConfigError("heldout_pool must be 0 (all objects) or in [heldout, count]")
     if args["steps_scale"] <= 0:
         raise ConfigError("steps_scale must be > 0")
+    if args["width"] < 1 or args["batch"] < 0:
+        raise ConfigError("width must be >= 1 and batch >= 0 (0: the recipes' batch size)")
     return args
 
 
-def _steps(recipe: str, scale: float) -> int:
+def _recipe(recipe: str) -> dict:
     from engine.config import RECIPES_DIR, read_yaml
 
-    return max(2, math.ceil(read_yaml(RECIPES_DIR / "finetune" / f"{recipe}.yaml")["steps"]
-                            * scale))
+    return read_yaml(RECIPES_DIR / "finetune" / f"{recipe}.yaml")
+
+
+def _steps(recipe: str, scale: float) -> int:
+    return max(2, math.ceil(_recipe(recipe)["steps"] * scale))
+
+
+def _widened_unet(recipe: str, width: int) -> List[str]:
+    """Overrides making ``recipe``'s UNet ``width`` times wider, heads kept 32-d."""
+    unet = _recipe(recipe)["model"]["unet"]
+    channels = [c * width for c in unet["block_out_channels"]]
+    heads = [h * width for h in unet["attention_head_dim"]]
+    return [f"model.unet.block_out_channels=[{','.join(map(str, channels))}]",
+            f"model.unet.attention_head_dim=[{','.join(map(str, heads))}]"]
 
 
 def run(argv: List[str]) -> int:
@@ -91,8 +109,12 @@ def run(argv: List[str]) -> int:
                  f"device={args['device']}"]
         if args["threads"]:
             items.append(f"cpu_threads={args['threads']}")
+        if args["batch"] and name != "clip":
+            items.append(f"batch_size={args['batch']}")
         if name == "text":
             items.append(f"model.conditioner.model={models['clip']}")
+            if args["width"] > 1:
+                items += _widened_unet(recipe, args["width"])
         elif name == "stage1":
             items += [f"model.init={models['text']}", f"model.conditioner.model={models['clip']}"]
         elif name == "stage2":

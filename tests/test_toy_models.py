@@ -11,8 +11,9 @@ from engine.toy_models import main
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("toy-models")
+    # width 2 / batch 2: the knobs for a bigger model, at a few steps like the rest
     assert main([f"out={root / 'models'}", f"data={root / 'data'}", "count=6", "heldout=1",
-                 "steps_scale=0.001", "threads=1"]) == 0
+                 "steps_scale=0.001", "width=2", "batch=2", "threads=1"]) == 0
     return root
 
 
@@ -30,11 +31,23 @@ def test_chain_produces_loadable_models(chain):
     # the stage-2 model's cross-attention takes the CLIP image embedding as its whole context
     clip = OpenCLIPImageConditioner.from_pretrained(models / "clip")
     assert stage2.unet.config.cross_attention_dim == clip.embed_dim
+    # width 2 doubled the shipped recipe's channels and heads; stages 1 and 2 inherited them
+    stage1 = MultiViewDiffusionModel.from_pretrained(models / "stage1")
+    for model in (text, stage1, stage2):
+        assert list(model.unet.config.block_out_channels) == [64, 128, 256]
+        assert list(model.unet.config.attention_head_dim) == [2, 4, 8]
+    # batch 2 reached the diffusion trainings, not the CLIP's
+    from engine.config import read_yaml
+
+    runs = models / "runs"
+    assert read_yaml(runs / "clip" / "config.yaml")["batch_size"] != 2
+    for name in ("text", "stage1", "stage2"):
+        assert read_yaml(runs / name / "config.yaml")["batch_size"] == 2, name
 
 
 def test_rerun_skips_finished_trainings(chain, capsys):
     assert main([f"out={chain / 'models'}", f"data={chain / 'data'}", "count=6", "heldout=1",
-                 "steps_scale=0.001"]) == 0
+                 "steps_scale=0.001", "width=2", "batch=2"]) == 0
     out = capsys.readouterr().out
     assert out.count("already trained") == 4
 
@@ -44,13 +57,16 @@ def test_bad_keys_are_user_errors(capsys):
     assert "did you mean 'steps_scale'" in capsys.readouterr().err
     assert main(["count=10", "heldout=2", "heldout_pool=11"]) == 2
     assert "heldout_pool" in capsys.readouterr().err
+    assert main(["width=0"]) == 2
+    assert "width must be >= 1" in capsys.readouterr().err
 
 
 def test_manifest_records_command_and_trainings(chain):
     import json
 
     record = json.loads((chain / "models" / "manifest.json").read_text())
-    assert record["command"] == "python -m engine.toy_models count=6 heldout=1 steps_scale=0.001"
+    assert record["command"] == ("python -m engine.toy_models count=6 heldout=1 "
+                                 "steps_scale=0.001 width=2 batch=2")
     assert set(record["models"]) == {"clip", "text", "stage1", "stage2"}
     for name, info in record["models"].items():
         assert info["steps"] >= 2 and info["mib"] > 0 and np.isfinite(info["final_loss"]), name
