@@ -157,6 +157,10 @@ class DMTet(Representation):
         super().__init__()
         cfg = cfg or DMTet.Config()
         self.cfg = cfg
+        # set by create_from: the density level the SDF started from, and the silhouette
+        # match (representations.level_match.LevelMatch) when that level was chosen
+        self.start_level: Optional[float] = None
+        self.start_match = None
         vertices, tets = tet_grid(cfg.resolution, cfg.bound, device=device)
         # the grid is rebuilt from the config, so checkpoints hold only the parameters
         self.register_buffer("grid_vertices", vertices, persistent=False)
@@ -262,8 +266,8 @@ class DMTet(Representation):
         the previous stage is dense), clamped to +- ``init_clamp``, and whose colour field is
         a deep copy of ``previous.color_field`` (``cfg.color`` is then unused). The level is
         ``cfg.init_threshold`` or chosen from the previous stage's silhouettes (see
-        ``Config.init_level``); it is kept in ``rep.init_level`` and, when chosen, the match
-        in ``rep.init_match``. A previous stage without ``density`` and ``color_field`` is a
+        ``Config.init_level``); it is kept in ``rep.start_level`` and, when chosen, the match
+        in ``rep.start_match``. A previous stage without ``density`` and ``color_field`` is a
         ConfigError."""
         if not hasattr(previous, "density") or not hasattr(previous, "color_field"):
             return super().create_from(previous, cfg, device)
@@ -274,19 +278,18 @@ class DMTet(Representation):
         threshold = cfg.init_threshold
         if threshold is None:
             threshold = float(getattr(previous_cfg, "isosurface_threshold", 10.0))
-        rep.init_match = None
         if cfg.init_level == "silhouette":
             radius = float(getattr(previous_cfg, "radius", cfg.bound))
-            rep.init_match = silhouette_level(previous.density, radius, device=points.device)
-            if rep.init_match is None:
+            rep.start_match = silhouette_level(previous.density, radius, device=points.device)
+            if rep.start_match is None:
                 print(f"dmtet: the previous stage renders nothing opaque; starting from its "
                       f"level {threshold:g} instead of a silhouette match", file=sys.stderr)
             else:
-                threshold = rep.init_match.level
+                threshold = rep.start_match.level
                 print(f"dmtet: starting from the previous stage's density level "
                       f"{threshold:.3g}, whose silhouettes match its volume render at IoU "
-                      f"{rep.init_match.iou:.2f}", file=sys.stderr)
-        rep.init_level = threshold
+                      f"{rep.start_match.iou:.2f}", file=sys.stderr)
+        rep.start_level = threshold
         with torch.no_grad():
             density = torch.cat([previous.density(chunk).reshape(-1)
                                  for chunk in points.split(1 << 16)])

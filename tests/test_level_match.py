@@ -100,9 +100,9 @@ def test_dmtet_starts_from_the_matched_level(capsys):
     blob = GaussianBlob(amplitude=20.0)      # opacity 0.5 at radius 0.50; level 10 at 0.25
     fixed = DMTet.create_from(blob, _dmtet_cfg())
     matched = DMTet.create_from(blob, _dmtet_cfg(init_level="silhouette"))
-    assert fixed.init_level == 10.0 and fixed.init_match is None
-    assert matched.init_level == pytest.approx(blob.level(), rel=0.1)
-    assert f"density level {matched.init_level:.3g}," in capsys.readouterr().err
+    assert fixed.start_level == 10.0 and fixed.start_match is None
+    assert matched.start_level == pytest.approx(blob.level(), rel=0.1)
+    assert f"density level {matched.start_level:.3g}," in capsys.readouterr().err
     cell = 2.0 / 32
     radius_fixed = fixed.surface(0)[0].norm(dim=-1)
     radius_matched = matched.surface(0)[0].norm(dim=-1)
@@ -115,10 +115,10 @@ def test_dmtet_starts_from_the_matched_level(capsys):
 def test_dmtet_falls_back_to_the_fixed_level_on_an_empty_stage(capsys):
     blob = GaussianBlob(amplitude=0.01, isosurface_threshold=6.0)
     rep = DMTet.create_from(blob, _dmtet_cfg(init_level="silhouette"))
-    assert rep.init_match is None and rep.init_level == 6.0
+    assert rep.start_match is None and rep.start_level == 6.0
     assert "renders nothing opaque" in capsys.readouterr().err
     explicit = DMTet.create_from(blob, _dmtet_cfg(init_level="silhouette", init_threshold=3.0))
-    assert explicit.init_level == 3.0
+    assert explicit.start_level == 3.0
 
 
 def test_init_level_must_be_known():
