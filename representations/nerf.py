@@ -183,6 +183,25 @@ class NeRF(Representation):
         if device is not None:
             self.to(device)
 
+    @classmethod
+    def create_from(cls, previous: Representation, cfg: NeRFConfig = None,
+                    device=None) -> "NeRF":
+        """A NeRF that continues ``previous`` (a NeRF of the same sizes: hash grid, MLPs,
+        occupancy resolution) with this stage's settings: its weights and occupancy grid are
+        copied; shading, samples per ray, blob and the rest come from ``cfg``. Used when a
+        stage refines what an earlier stage fitted with other guidance."""
+        if not isinstance(previous, NeRF):
+            return super().create_from(previous, cfg, device)
+        rep = cls(cfg, device=device)
+        try:
+            rep.load_state_dict(previous.state_dict())
+        except RuntimeError as exc:
+            detail = str(exc).splitlines()[-1].strip()[:160] if str(exc) else ""
+            raise ConfigError("init_from: a NeRF continues a NeRF of the same hash_grid, "
+                              "mlp_hidden, mlp_hidden_layers and occupancy.resolution; the "
+                              f"two stages' sizes differ ({detail})") from None
+        return rep
+
     @property
     def encoding(self) -> HashGridEncoding:
         """The hash grid shared by density and colour (held by ``color_field``)."""
