@@ -90,6 +90,16 @@ def load_object_views(folder, size: Optional[int] = None) -> ObjectViews:
                        torch.tensor([r for _, r in entries]), mesh)
 
 
+def resize_views(views: Tensor, size: int) -> Tensor:
+    """[N, S, S, C] -> [N, size, size, C], bilinear (antialiased when shrinking); unchanged
+    when already that size. Differentiable with respect to ``views``."""
+    if views.shape[2] == size:
+        return views
+    x = F.interpolate(views.permute(0, 3, 1, 2), size=(size, size), mode="bilinear",
+                      align_corners=False, antialias=views.shape[2] > size)
+    return x.permute(0, 2, 3, 1)
+
+
 def _png_size(path: Path) -> int:
     from PIL import Image
 
@@ -159,13 +169,7 @@ class DatasetViewsL2(Guidance):
     def targets(self, size: int):
         """All views at ``size`` px: (rgb [N, S, S, 3], mask [N, S, S, 1])."""
         if size not in self._resized:
-            def fit(x):
-                x = x.permute(0, 3, 1, 2)
-                if x.shape[-1] != size:
-                    x = F.interpolate(x, size=(size, size), mode="bilinear",
-                                      align_corners=False, antialias=True)
-                return x.permute(0, 2, 3, 1)
-            self._resized[size] = (fit(self.rgb), fit(self.mask))
+            self._resized[size] = (resize_views(self.rgb, size), resize_views(self.mask, size))
         return self._resized[size]
 
     def forward(self, outputs: Dict[str, Tensor], cameras: Cameras,

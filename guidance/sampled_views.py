@@ -171,14 +171,10 @@ class SampledViewsL2(Guidance):
 
     def targets(self, size: int):
         """The kept views at ``size`` px: (rgb [V, S, S, 3], mask [V, S, S, 1])."""
+        from guidance.dataset_views import resize_views
+
         if size not in self._resized:
-            def fit(x):
-                x = x.permute(0, 3, 1, 2)
-                if x.shape[-1] != size:
-                    x = F.interpolate(x, size=(size, size), mode="bilinear",
-                                      align_corners=False, antialias=x.shape[-1] > size)
-                return x.permute(0, 2, 3, 1)
-            self._resized[size] = (fit(self.rgb), fit(self.mask))
+            self._resized[size] = (resize_views(self.rgb, size), resize_views(self.mask, size))
         return self._resized[size]
 
     def forward(self, outputs: Dict[str, Tensor], cameras: Cameras,
