@@ -2,11 +2,15 @@
 
     python -m guidance.sample image=cat.png out=cat-views.png [model=PATH] [steps=50]
         [scale=10] [elevation=15] [azimuth=0] [views=4] [seed=0] [eta=0] [device=auto]
-        [image_size=256] [object_fraction=0.85]
+        [image_size=256] [object_fraction=0.85] [candidates=1]
     python -m guidance.sample prompt="a red chair" out=chair.png model=PATH   # text models
 
 The quick 2D preview before a long 3D run: if these views are wrong, the 3D result will be.
 Angles use the engine's convention (azimuth 0 on +x); views are 360/views degrees apart.
+``candidates=K`` (with an image) samples seeds seed .. seed+K-1 and keeps the group whose first
+view (at ``azimuth``) looks most like the picture, its background cleaned to white: exactly
+the views recipe isotropic3d-toy-views fits (with elevation=0 object_fraction=0.7 scale=1
+steps=30 candidates=4).
 Writes a PNG grid (the input picture first when there is one) and prints its path.
 """
 
@@ -38,6 +42,7 @@ class SampleArgs:
     device: str = "auto"
     image_size: int = 256
     object_fraction: float = 0.85     # as inputs.object_fraction of a run: match the recipe's
+    candidates: int = 1               # seeds drawn; the group most like the picture is kept
 
 
 def parse_args(argv: List[str]) -> SampleArgs:
@@ -59,8 +64,11 @@ def parse_args(argv: List[str]) -> SampleArgs:
     typed = {k: (v if k in ("out", "image", "prompt", "model", "device") else yaml.safe_load(v))
              for k, v in values.items()}
     args = validate(SampleArgs, typed)
-    if args.steps < 1 or args.views < 1:
-        raise ConfigError("steps and views must be >= 1")
+    if args.steps < 1 or args.views < 1 or args.candidates < 1:
+        raise ConfigError("steps, views and candidates must be >= 1")
+    if args.candidates > 1 and "image" not in values:
+        raise ConfigError("candidates: choosing among samples needs image=PATH (a prompt has "
+                          "no picture to compare with)")
     if not 0.1 <= args.object_fraction <= 1.0:
         raise ConfigError(f"object_fraction: must be in [0.1, 1], got {args.object_fraction}")
     return args
@@ -146,9 +154,19 @@ def run(argv: List[str]) -> int:
     cams = Cameras.from_spherical(args.elevation, az, 1.0, 40.0, views_per_object=args.views)
     # sampling always uses the correct cameras; the release's double conversion was an SDS bug
     cam16 = camera_vectors(cams, "mvdream").to(device)
-    gen = torch.Generator().manual_seed(args.seed)
-    views = sample_views(model, guidance.context_cond, guidance.context_uncond, cam16,
-                         args.views, args.steps, args.scale, args.eta, gen)
+    if args.candidates > 1:
+        from guidance.sampled_views import draw_best_group
+
+        rgb, _, chosen, errors = draw_best_group(guidance, cam16, args.views, args.candidates,
+                                                 args.seed, args.steps, args.scale, 0, image,
+                                                 eta=args.eta)
+        print(f"kept seed {args.seed + chosen} of {args.seed}..{args.seed + args.candidates - 1}"
+              f" (match error {float(errors[chosen]):.4f})")
+        views = rgb.permute(0, 3, 1, 2)
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        views = sample_views(model, guidance.context_cond, guidance.context_uncond, cam16,
+                             args.views, args.steps, args.scale, args.eta, gen)
     tiles = [to_uint8(v.permute(1, 2, 0)) for v in views]
     if image is not None:
         ref = torch.nn.functional.interpolate(image.rgb.permute(2, 0, 1)[None],

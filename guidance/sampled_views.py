@@ -60,6 +60,44 @@ def match_error(view_rgb: Tensor, view_mask: Tensor, rgb: Tensor, mask: Tensor) 
     return colour + silhouette
 
 
+@torch.no_grad()
+def draw_best_group(sds, cam16: Tensor, num_views: int, candidates: int, seed: int,
+                    steps: int, scale: float, input_view: Optional[int], image=None,
+                    mask_low: float = 0.08, mask_high: float = 0.2, eta: float = 0.0):
+    """Sample ``candidates`` groups of views (seeds ``seed`` .. ``seed + candidates - 1``)
+    with ``sds``'s model and conditioning (a :class:`guidance.multiview_sds.MultiViewSDS`),
+    and keep the one whose view ``input_view`` is most like ``image`` (a ReferenceImage;
+    ``input_view`` None: the first group).
+
+    Args:
+        cam16: [V, 16] camera vectors of one group. steps, scale, eta: DDIM steps, CFG
+        scale and stochasticity.
+    Returns:
+        (rgb [V, S, S, 3] on pure white, mask [V, S, S, 1], chosen index, errors [K] or None).
+        Not differentiable.
+    """
+    from guidance.reference import resize_image
+    from guidance.sample import sample_views
+
+    rgbs, masks = [], []
+    for k in range(candidates):
+        g = torch.Generator().manual_seed(seed + k)
+        views = sample_views(sds.model, sds.context_cond, sds.context_uncond, cam16, num_views,
+                             steps, scale, eta, g)
+        rgb, mask = clean_views(views.float().permute(0, 2, 3, 1), mask_low, mask_high)
+        rgbs.append(rgb)
+        masks.append(mask)
+    rgbs, masks = torch.stack(rgbs), torch.stack(masks)              # [K, V, S, S, C]
+    if input_view is None:
+        return rgbs[0], masks[0], 0, None
+    size = rgbs.shape[2]
+    errors = match_error(rgbs[:, input_view], masks[:, input_view],
+                         resize_image(image.rgb.to(rgbs), size),
+                         resize_image(image.mask.to(rgbs), size))
+    chosen = int(errors.argmin())
+    return rgbs[chosen], masks[chosen], chosen, errors
+
+
 @register("guidance", "sampled-views")
 class SampledViewsL2(Guidance):
     """L2 colour and mask losses between renders and one group of views sampled from a
@@ -129,8 +167,6 @@ class SampledViewsL2(Guidance):
         """Sample ``candidates`` groups of views at ``cameras`` (one group) and keep the one
         most like the input picture as the targets."""
         from guidance.mv_cameras import camera_vectors
-        from guidance.reference import resize_image
-        from guidance.sample import sample_views
 
         cfg, sds = self.cfg, self.sds
         n = len(cameras)
@@ -141,31 +177,14 @@ class SampledViewsL2(Guidance):
         if cfg.input_view is not None and cfg.input_view >= n:
             raise ConfigError(f"input_view: {cfg.input_view} but the stage has {n} cameras")
         cam16 = camera_vectors(cameras, sds.convention).to(sds.context_cond)
-        rgbs, masks = [], []
-        for k in range(cfg.candidates):
-            g = torch.Generator().manual_seed(cfg.seed + k)
-            views = sample_views(sds.model, sds.context_cond, sds.context_uncond, cam16, n,
-                                 cfg.sample_steps, cfg.guidance_scale, 0.0, g)
-            rgb, mask = clean_views(views.float().permute(0, 2, 3, 1), cfg.mask_low,
-                                    cfg.mask_high)
-            rgbs.append(rgb)
-            masks.append(mask)
-        rgbs, masks = torch.stack(rgbs), torch.stack(masks)          # [K, V, S, S, C]
-        self.chosen = 0
-        if cfg.input_view is not None:
-            size = rgbs.shape[2]
-            image = self.inputs.image
-            picture = resize_image(image.rgb.to(rgbs), size)
-            silhouette = resize_image(image.mask.to(rgbs), size)
-            self.errors = match_error(rgbs[:, cfg.input_view], masks[:, cfg.input_view],
-                                      picture, silhouette)
-            self.chosen = int(self.errors.argmin())
+        self.rgb, self.mask, self.chosen, self.errors = draw_best_group(
+            sds, cam16, n, cfg.candidates, cfg.seed, cfg.sample_steps, cfg.guidance_scale,
+            cfg.input_view, self.inputs.image, cfg.mask_low, cfg.mask_high)
+        if self.errors is not None:
             print(f"sampled-views: kept candidate {self.chosen} of {cfg.candidates} (match "
                   f"error {float(self.errors[self.chosen]):.4f}; others "
                   + ", ".join(f"{float(e):.4f}" for i, e in enumerate(self.errors)
                               if i != self.chosen) + ")", file=sys.stderr)
-        self.rgb = rgbs[self.chosen]
-        self.mask = masks[self.chosen]
         self.c2w = cameras.c2w.detach().clone()
         self._resized = {}
 

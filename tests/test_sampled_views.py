@@ -178,3 +178,26 @@ def test_nerf_create_from_a_nerf_continues_its_field():
     assert not torch.equal(first.encoding.table, second.encoding.table)
     with pytest.raises(ConfigError, match="same hash_grid"):
         NeRF.create_from(first, tiny_nerf(mlp_hidden=32).cfg)
+
+
+def test_sample_cli_keeps_the_candidate_most_like_the_picture(fake_sampler, tmp_path, capsys):
+    """python -m guidance.sample candidates=K previews exactly the group the recipe fits."""
+    import numpy as np
+    from PIL import Image
+
+    from guidance.sample import main, read_views
+
+    size = 64
+    inputs = picture([0.2, 0.3, 0.9], size)
+    rgba = torch.cat([inputs.image.rgb, inputs.image.mask], dim=-1)
+    Image.fromarray((rgba.numpy() * 255).round().astype(np.uint8)).save(tmp_path / "in.png")
+    grid = tmp_path / "views.png"
+    assert main([f"image={tmp_path / 'in.png'}", f"out={grid}", f"model={STAGE2}",
+                 "candidates=4", "seed=0", "steps=5", "object_fraction=0.5", "device=cpu"]) == 0
+    assert "kept seed 2 of 0..3" in capsys.readouterr().out
+    views = read_views(grid)
+    assert views.shape[0] == 4
+    middle = views[0, 16, 16].astype(int)          # seed 2's colour, the picture's
+    assert abs(middle - np.array([51, 76, 230])).max() <= 3, middle
+    assert main([f"prompt=a mug", f"out={grid}", f"model={STAGE2}", "candidates=2"]) == 2
+    assert "needs image=PATH" in capsys.readouterr().err
