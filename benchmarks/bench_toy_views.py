@@ -2,7 +2,8 @@
 
     python benchmarks/bench_toy_views.py [--model models/toy/stage2] [--data data/toy]
         [--split heldout] [--limit 20] [--steps 30] [--scale 2] [--seed 0] [--seeds 2]
-        [--object-fraction 0.7] [--condition image|caption] [--out outputs/bench-views]
+        [--object-fraction 0.7] [--condition image|caption] [--candidates 1]
+        [--out outputs/bench-views]
 
 For every object of the split: its canonical front view (r0.png) goes through
 ``python -m guidance.sample`` (4 views, elevation 15, azimuths 0/90/180/270), once per seed
@@ -18,7 +19,9 @@ scores centred per truth, engine.view_scores.right_kind_share, which discounts t
 blob overlaps, with its chance), and the hue. The grids and scores.json go to --out.
 ``--condition caption`` gives a text model (models/toy/text) the object's caption instead of
 its picture: whether the multi-view model can draw a kind when it is told the kind in words,
-which tells a weak UNet from a weak image conditioning.
+which tells a weak UNet from a weak image conditioning. ``--candidates K`` samples K seeds per
+object and seed and keeps the group whose first view is most like the picture (guidance.sample
+candidates=K; the seeds of the runs are then K apart), as recipe isotropic3d-toy-views does.
 The data folder is the models' own dataset (``python -m engine.toy_world out=data/toy``).
 """
 
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--object-fraction", type=float, default=0.7)
     ap.add_argument("--condition", choices=("image", "caption"), default="image")
+    ap.add_argument("--candidates", type=int, default=1)
     ap.add_argument("--out", default="outputs/bench-views")
     args = ap.parse_args()
 
@@ -74,10 +78,12 @@ def main() -> None:
                      else f"image={data / oid / 'r0.png'}")
         for seed in range(args.seed, args.seed + args.seeds):
             grid = out / f"{oid}-seed{seed}.png"
+            first = args.seed + (seed - args.seed) * args.candidates
+            extra = [f"candidates={args.candidates}"] if args.candidates > 1 else []
             code = sample([condition, f"out={grid}",
                            f"model={args.model}", f"steps={args.steps}", f"scale={args.scale}",
-                           f"seed={seed}", f"object_fraction={args.object_fraction}",
-                           "device=cpu"])
+                           f"seed={first}", f"object_fraction={args.object_fraction}",
+                           "device=cpu", *extra])
             if code != 0:
                 raise SystemExit(f"guidance.sample failed on {oid}")
             samples.setdefault(seed, {})[oid] = read_views(grid)
@@ -103,6 +109,7 @@ def main() -> None:
     kind_list = [kinds[o] for o in ids]
     summary = {
         "model": args.model, "condition": args.condition, "objects": n, "seeds": args.seeds,
+        "candidates": args.candidates, "scale": args.scale,
         "seconds": round(seconds, 1),
         "mean_own_iou": float(np.mean([r["own_iou"] for r in rows])),
         "swap_test": vs.swap_test_accuracy(m, kind_list),
