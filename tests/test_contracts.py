@@ -122,6 +122,13 @@ def test_multiview_sds_meets_the_contract(tiny_mv_model):
     assert g.conditioning == "image"
 
 
+def test_sampled_views_meets_the_contract(tiny_mv_model):
+    g = check_guidance(registry.get("guidance", "sampled-views"),
+                       {"model": str(tiny_mv_model), "candidates": 2, "sample_steps": 2},
+                       size=16, views=4, steps=(0, 1, 2))
+    assert g.chosen in (0, 1) and g.rgb.shape[0] == 4
+
+
 def test_multiview_sds_with_a_patch_token_model(tmp_path, tiny_clip):
     from guidance.conditioners import OpenCLIPImageConditioner
 
