@@ -9,8 +9,8 @@ The quick 2D preview before a long 3D run: if these views are wrong, the 3D resu
 Angles use the engine's convention (azimuth 0 on +x); views are 360/views degrees apart.
 ``candidates=K`` (with an image) samples seeds seed .. seed+K-1 and keeps the group whose first
 view (at ``azimuth``) looks most like the picture, its background cleaned to white: exactly
-the views recipe isotropic3d-toy-views fits (with elevation=0 object_fraction=0.7 scale=1
-steps=30 candidates=4).
+the views recipe isotropic3d-toy-views fits (with image_size=64 object_fraction=0.7
+elevation=0 scale=1 steps=30 candidates=4, its inputs and views-stage settings).
 Writes a PNG grid (the input picture first when there is one) and prints its path.
 """
 
