@@ -100,6 +100,18 @@ def resize_views(views: Tensor, size: int) -> Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+class ViewTargets:
+    """Mixin of the guidances that fit renders to a fixed set of views: ``self.rgb`` [N, S, S,
+    3] and ``self.mask`` [N, S, S, 1] (buffers), ``self._resized`` a dict; :meth:`targets`
+    gives them at a render's size, resized once per size."""
+
+    def targets(self, size: int):
+        """All views at ``size`` px: (rgb [N, size, size, 3], mask [N, size, size, 1])."""
+        if size not in self._resized:
+            self._resized[size] = (resize_views(self.rgb, size), resize_views(self.mask, size))
+        return self._resized[size]
+
+
 def _png_size(path: Path) -> int:
     from PIL import Image
 
@@ -146,7 +158,7 @@ class DatasetViewSampler:
 
 
 @register("guidance", "dataset-l2")
-class DatasetViewsL2(Guidance):
+class DatasetViewsL2(ViewTargets, Guidance):
     """L2 colour and mask losses between renders and the dataset views they were drawn for."""
 
     loss_names = ("rgb", "mask")
@@ -165,12 +177,6 @@ class DatasetViewsL2(Guidance):
         self.register_buffer("rgb", views.rgb.to(device), persistent=False)
         self.register_buffer("mask", views.mask.to(device), persistent=False)
         self._resized: Dict[int, tuple] = {}
-
-    def targets(self, size: int):
-        """All views at ``size`` px: (rgb [N, S, S, 3], mask [N, S, S, 1])."""
-        if size not in self._resized:
-            self._resized[size] = (resize_views(self.rgb, size), resize_views(self.mask, size))
-        return self._resized[size]
 
     def forward(self, outputs: Dict[str, Tensor], cameras: Cameras,
                 step: StepInfo) -> Dict[str, Tensor]:

@@ -3,7 +3,7 @@
 Score distillation asks the model for a one-step estimate of the clean views at a random noise
 level. With a weak model that estimate is the blurry average of everything the picture could
 be, so SDS turns a T-shaped mushroom into a round blob, though the same model, sampled to the
-end, draws the T (docs/results/toy-views-anchor). This guidance samples the views instead,
+end, draws the T (docs/results/toy-bench-20-views). This guidance samples the views instead,
 once: a full DDIM chain for the stage's fixed cameras (one group, e.g. 4 views 90 degrees
 apart), conditioned on the input picture exactly as ``multiview-sds`` is. It draws
 ``candidates`` groups from different seeds and keeps the one whose view at ``input_view``
@@ -30,6 +30,12 @@ from engine.cameras import Cameras
 from engine.errors import ConfigError
 from engine.plugin import Guidance, RunInputs, StepInfo
 from engine.registry import register
+from guidance.dataset_views import ViewTargets
+
+
+#: default ramp of mask_from_white: the sampler's background grain stays below MASK_LOW, the
+#: toy world's palest colour (grey, deficit 0.26) above MASK_HIGH
+MASK_LOW, MASK_HIGH = 0.08, 0.2
 
 
 def mask_from_white(rgb: Tensor, low: float, high: float) -> Tensor:
@@ -63,7 +69,7 @@ def match_error(view_rgb: Tensor, view_mask: Tensor, rgb: Tensor, mask: Tensor) 
 @torch.no_grad()
 def draw_best_group(sds, cam16: Tensor, num_views: int, candidates: int, seed: int,
                     steps: int, scale: float, input_view: Optional[int], image=None,
-                    mask_low: float = 0.08, mask_high: float = 0.2, eta: float = 0.0):
+                    mask_low: float = MASK_LOW, mask_high: float = MASK_HIGH, eta: float = 0.0):
     """Sample ``candidates`` groups of views (seeds ``seed`` .. ``seed + candidates - 1``)
     with ``sds``'s model and conditioning (a :class:`guidance.multiview_sds.MultiViewSDS`),
     and keep the one whose view ``input_view`` is most like ``image`` (a ReferenceImage;
@@ -99,7 +105,7 @@ def draw_best_group(sds, cam16: Tensor, num_views: int, candidates: int, seed: i
 
 
 @register("guidance", "sampled-views")
-class SampledViewsL2(Guidance):
+class SampledViewsL2(ViewTargets, Guidance):
     """L2 colour and mask losses between renders and one group of views sampled from a
     multi-view diffusion model, picked among ``candidates`` seeds by its likeness to the input
     picture. The stage's cameras must be the same group every step (``cameras: {type:
@@ -118,8 +124,8 @@ class SampledViewsL2(Guidance):
         # which of the stage's cameras the input picture was taken from (its view is compared
         # with the picture to choose a candidate); null: keep the first candidate
         input_view: Optional[int] = 0
-        mask_low: float = 0.08               # see mask_from_white
-        mask_high: float = 0.2
+        mask_low: float = MASK_LOW           # see mask_from_white
+        mask_high: float = MASK_HIGH
         precision: str = "fp32"
 
         def __post_init__(self):
@@ -187,14 +193,6 @@ class SampledViewsL2(Guidance):
                               if i != self.chosen) + ")", file=sys.stderr)
         self.c2w = cameras.c2w.detach().clone()
         self._resized = {}
-
-    def targets(self, size: int):
-        """The kept views at ``size`` px: (rgb [V, S, S, 3], mask [V, S, S, 1])."""
-        from guidance.dataset_views import resize_views
-
-        if size not in self._resized:
-            self._resized[size] = (resize_views(self.rgb, size), resize_views(self.mask, size))
-        return self._resized[size]
 
     def forward(self, outputs: Dict[str, Tensor], cameras: Cameras,
                 step: StepInfo) -> Dict[str, Tensor]:

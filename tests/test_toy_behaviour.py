@@ -164,8 +164,8 @@ def radius_profile(path, top=(0.75, 1.0), bottom=(0.0, 0.4)) -> tuple:
 
 def test_isotropic3d_toy_views_keeps_the_mushroom_a_mushroom(tmp_path):
     """The sampled-views recipe, shortened, on the held-out blue mushroom: a cap much wider
-    than its stalk, as the truth (the pure-SDS NeRF stage pulls it to a column, cap / stalk
-    about 1.4), and nearer the truth than the shape it starts from."""
+    than its stalk, as the truth (a 400-step NeRF SDS stage after the views stage pulled it to
+    a column, cap / stalk about 1.4), and nearer the truth than the shape it starts from."""
     from engine.benchmark import _initial
     from engine.metrics import compare_files
     from engine.run import main
