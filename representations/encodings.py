@@ -137,7 +137,8 @@ def hash_grid_encode(x: Tensor, table: Tensor, scales: Tensor, mult: Tensor, siz
     """
     feats, weights, _ = _corners(x, table, scales, mult, sizes, offsets, dense, need_grad=False)
     out = (weights.unsqueeze(-1) * feats).sum(dim=2)                    # [N, L, F]
-    return out.reshape(x.shape[0], -1)
+    # explicit sizes, never -1: an empty batch (N = 0) makes -1 ambiguous
+    return out.reshape(x.shape[0], scales.shape[0] * table.shape[1])
 
 
 def hash_grid_encode_with_jacobian(x: Tensor, table: Tensor, scales: Tensor, mult: Tensor,
@@ -154,14 +155,14 @@ def hash_grid_encode_with_jacobian(x: Tensor, table: Tensor, scales: Tensor, mul
     """
     feats, weights, dweights = _corners(x, table, scales, mult, sizes, offsets, dense,
                                         need_grad=True)
-    n = x.shape[0]
-    enc = (weights.unsqueeze(-1) * feats).sum(dim=2).reshape(n, -1)
+    n, d = x.shape[0], scales.shape[0] * table.shape[1]
+    enc = (weights.unsqueeze(-1) * feats).sum(dim=2).reshape(n, d)
     # dweights [N, L, 8, 3] (per grid unit) -> per normalised unit via the level scale
     # an elementwise product + sum rather than einsum: einsum becomes a batched matmul of
     # tiny 8x3 matrices, which is several times slower on CPU (eager and compiled)
     jac = (dweights[:, :, :, None, :] * feats[..., None]).sum(dim=2) \
         * scales[None, :, None, None].to(x.dtype)
-    return enc, jac.reshape(n, -1, 3)
+    return enc, jac.reshape(n, d, 3)
 
 
 def _corners(x: Tensor, table: Tensor, scales: Tensor, mult: Tensor, sizes: Tensor,
@@ -189,7 +190,7 @@ def _corners(x: Tensor, table: Tensor, scales: Tensor, mult: Tensor, sizes: Tens
     # hashed sizes are powers of two, so remainder == the low bits of the uint32 hash
     idx = torch.remainder(torch.where(dense[None, :, None], summed, hashed),
                           sizes[None, :, None]) + offsets[None, :, None]
-    feats = table.index_select(0, idx.reshape(-1)).reshape(n, n_levels, 8, -1)
+    feats = table.index_select(0, idx.reshape(-1)).reshape(n, n_levels, 8, table.shape[1])
     t = torch.stack([1.0 - frac, frac], dim=-1)                             # [N, L, 3, 2]
     t0 = t[:, :, 0, None, None, :]
     t1 = t[:, :, 1, None, :, None]
