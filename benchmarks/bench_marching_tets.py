@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from representations.marching_tets import marching_tets  # noqa: E402
-from representations.tets import cut_cell_tets, tet_grid  # noqa: E402
+from representations.lib.marching_tets import marching_tets  # noqa: E402
+from representations.lib.tets import cut_cell_tets, tet_grid  # noqa: E402
 
 
 def _sync(device: str) -> None:

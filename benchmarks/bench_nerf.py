@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.cameras import orbit  # noqa: E402
 from representations.backgrounds import SolidBackground  # noqa: E402
-from representations.encodings import HashGridConfig  # noqa: E402
+from representations.lib.encodings import HashGridConfig  # noqa: E402
 from representations.nerf import NeRF, NeRFConfig, OccupancyConfig  # noqa: E402
 
 VARIANTS = ("naive", "eager", "eager+occ", "compiled", "compiled+occ", "compiled+occ+normals")

@@ -21,7 +21,7 @@ import trimesh  # noqa: E402
 
 from engine.cameras import Cameras  # noqa: E402
 from representations.backgrounds import SolidBackground  # noqa: E402
-from representations.mesh_render import render_mesh  # noqa: E402
+from representations.lib.mesh_render import render_mesh  # noqa: E402
 
 
 def _sync(device: str) -> None:

@@ -19,9 +19,9 @@ import torch
 
 from engine.cameras import Cameras
 from engine.plugin import StepInfo
-from guidance.model import MultiViewDiffusionModel
+from guidance.multiview.model import MultiViewDiffusionModel
 from guidance.multiview_sds import PRECISIONS, MultiViewSDS
-from guidance.mv_unet import MultiViewUNetConfig
+from guidance.multiview.unet import MultiViewUNetConfig
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     guidance = MultiViewSDS.__new__(MultiViewSDS)
     torch.nn.Module.__init__(guidance)
     guidance.cfg = MultiViewSDS.Config(model="random", precision=args.precision)
-    guidance.model, guidance.dtype = model, dtype
+    guidance.multiview.model, guidance.dtype = model, dtype
     guidance.conditioning, guidance.convention = "image", "mvdream"
     guidance.register_buffer("context_cond", torch.randn(1, 1, 1024, device=device, dtype=dtype))
     guidance.register_buffer("context_uncond", torch.zeros(1, 1, 1024, device=device, dtype=dtype))

@@ -21,7 +21,7 @@ sees it) is embedded and scored three ways:
 
 Scoring the training split too (--split train) shows the generalisation gap. Prints the
 per-kind counts and the totals; the data folder is a toy-world dataset (python -m
-engine.toy_world).
+engine.datasets.toy_world).
 """
 
 from __future__ import annotations
@@ -72,13 +72,13 @@ def main() -> None:
 
     import open_clip
 
-    from engine.toy_world import COLOR_NAMES, caption_for, display_name
+    from engine.datasets.toy_world import COLOR_NAMES, caption_for, display_name
     from guidance.conditioners import OpenCLIPImageConditioner, clip_preprocess
 
     data = Path(args.data)
     if not (data / "dataset.json").is_file():
         raise SystemExit(f"error: no toy dataset in {data}; make it with python -m "
-                         f"engine.toy_world out={data} or pass --data")
+                         f"engine.datasets.toy_world out={data} or pass --data")
     splits = json.loads((data / "dataset.json").read_text()).get("splits", {})
     for split in (args.split, args.reference_split):
         if split not in splits:

@@ -6,23 +6,23 @@
         [--out outputs/bench-views]
 
 For every object of the split: its canonical front view (r0.png) goes through
-``python -m guidance.sample`` (4 views, elevation 15, azimuths 0/90/180/270), once per seed
+``python -m guidance.multiview.sample`` (4 views, elevation 15, azimuths 0/90/180/270), once per seed
 (seed, seed + 1, ...: the same noise for every object, so objects and models are compared on
 equal terms; one seed alone is noisy - a pattern in one view's noise can show in every
 object); the views are scored against every object's ground-truth mesh rendered at the same
-cameras (engine.view_scores), averaged over the seeds. Prints per object: its own silhouette
+cameras (engine.evaluate.view_scores), averaged over the seeds. Prints per object: its own silhouette
 IoU (mean and worst view), the object whose truth the views match best, the rank of its own
 truth, the hue error; then the summary: mean own IoU, the swap-test accuracy over pairs of
 different kinds (chance 0.5; blind to size), how many objects are identified (own truth the
 best match; biased to big compact truths), the right kind (the best match's kind; also on
-scores centred per truth, engine.view_scores.right_kind_share, which discounts the truth every
+scores centred per truth, engine.evaluate.view_scores.right_kind_share, which discounts the truth every
 blob overlaps, with its chance), and the hue. The grids and scores.json go to --out.
 ``--condition caption`` gives a text model (models/toy/text) the object's caption instead of
 its picture: whether the multi-view model can draw a kind when it is told the kind in words,
 which tells a weak UNet from a weak image conditioning. ``--candidates K`` samples K seeds per
-object and seed and keeps the group whose first view is most like the picture (guidance.sample
+object and seed and keeps the group whose first view is most like the picture (guidance.multiview.sample
 candidates=K; the seeds of the runs are then K apart), as recipe isotropic3d-toy-views does.
-The data folder is the models' own dataset (``python -m engine.toy_world out=data/toy``).
+The data folder is the models' own dataset (``python -m engine.datasets.toy_world out=data/toy``).
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ def main() -> None:
 
     import trimesh
 
-    from engine import view_scores as vs
-    from guidance.sample import main as sample, read_views
+    from engine.evaluate import view_scores as vs
+    from guidance.multiview.sample import main as sample, read_views
 
     data, out = Path(args.data), Path(args.out)
     if not (data / "dataset.json").is_file():
         raise SystemExit(f"error: no toy dataset in {data}; make it with python -m "
-                         f"engine.toy_world out={data} (the models' own: count=200 heldout=20 "
+                         f"engine.datasets.toy_world out={data} (the models' own: count=200 heldout=20 "
                          "seed=0) or pass --data")
     index = json.loads((data / "dataset.json").read_text())
     if args.split not in index.get("splits", {}):
@@ -85,7 +85,7 @@ def main() -> None:
                            f"seed={first}", f"object_fraction={args.object_fraction}",
                            "device=cpu", *extra])
             if code != 0:
-                raise SystemExit(f"guidance.sample failed on {oid}")
+                raise SystemExit(f"guidance.multiview.sample failed on {oid}")
             samples.setdefault(seed, {})[oid] = read_views(grid)
         truths[oid] = vs.ground_truth_views(mesh, samples[args.seed][oid].shape[1])
     seconds = time.perf_counter() - t0

@@ -111,10 +111,10 @@ def rasterize_uv(uvs: Tensor, faces: Tensor, size: int):
     Args:
         uvs: [V, 2] in [0, 1] (v = 0 at the bottom row); faces: [F, 3] long.
     Returns:
-        :class:`representations.rasterizer.Fragments` of one [size, size] view; row 0 of the
+        :class:`representations.lib.rasterizer.Fragments` of one [size, size] view; row 0 of the
         image is v = 1 (the top of the texture image).
     """
-    from representations.rasterizer import rasterize
+    from representations.lib.rasterizer import rasterize
 
     ndc = uvs * 2.0 - 1.0
     clip = torch.cat([ndc, torch.zeros_like(ndc[:, :1]), torch.ones_like(ndc[:, :1])], dim=-1)
@@ -158,7 +158,7 @@ def bake_texture(albedo_fn, vertices: Tensor, faces_uv: Tensor, uvs: Tensor, siz
     Returns:
         [size, size, 3] float in [0, 1], row 0 at the top (v = 1). Not differentiable.
     """
-    from representations.rasterizer import interpolate
+    from representations.lib.rasterizer import interpolate
 
     frags = rasterize_uv(uvs.to(vertices.dtype), faces_uv, size)
     points = interpolate(vertices, frags, faces_uv)[0]          # [size, size, 3]
@@ -204,7 +204,7 @@ def export_representation(rep, out_dir, cfg: ExportConfig,
     Raises:
         ValueError when the representation yields no surface.
     """
-    from representations.mesh import CleanupOptions, clean_mesh, uv_atlas
+    from representations.lib.mesh import CleanupOptions, clean_mesh, uv_atlas
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

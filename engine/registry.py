@@ -1,10 +1,11 @@
 """Per-kind plugin registries, filled in-tree by a decorator and by third parties through
 Python entry points.
 
-In-tree plugins call ``@register(kind, name)`` when their module is imported; the registry
-imports the in-tree plugin packages the first time it is asked anything. Third-party plugins
-declare an entry point in the group of their kind, the entry-point name being the registry
-key::
+Every plugin, in-tree or third-party, is found the same way: an entry point in the group of
+its kind, the entry-point name being the registry key (this project's own are in its
+pyproject.toml, so an editable checkout needs ``pip install -e .`` again after adding one).
+``@register(kind, name)`` on the class records the same name when its module is imported (and
+lets tests and notebooks register classes that no package declares)::
 
     [project.entry-points."engine.guidance"]
     my-sds = "my_package.guidance:MySDS"
@@ -16,9 +17,8 @@ is an error that names both origins.
 
 from __future__ import annotations
 
-import importlib
+
 import importlib.metadata as importlib_metadata
-import pkgutil
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -35,14 +35,10 @@ KINDS: Dict[str, str] = {
 }
 RECIPE_GROUP = "engine.recipes"
 
-#: in-tree packages whose modules register plugins when imported. Every module of these
-#: packages (but those whose name starts with "_") is imported on the registry's first use, so
-#: a new in-tree plugin needs no list to be edited; such modules import heavy optional
-#: libraries inside functions, not at module level.
-BUILTIN_PACKAGES = ("engine.cameras", "representations", "guidance")
-
 #: distribution name of this project; its entry points are shown as in-tree
 OWN_DISTRIBUTION = "distill-engine"
+#: top-level packages of this distribution (origins of decorator-registered classes)
+OWN_PACKAGES = ("engine", "representations", "guidance")
 
 
 @dataclass
@@ -83,16 +79,22 @@ def _object_origin(obj: Any) -> str:
     return f"{module}:{qualname}"
 
 
-def _import_tree(package: str) -> None:
-    module = importlib.import_module(package)
-    for info in pkgutil.walk_packages(getattr(module, "__path__", []), prefix=package + "."):
-        if not info.name.rsplit(".", 1)[-1].startswith("_"):
-            importlib.import_module(info.name)
+def _own_entry_points(group: str) -> List[Any]:
+    """This distribution's own entry points of ``group`` (the in-tree plugins)."""
+    try:
+        dist = importlib_metadata.distribution(OWN_DISTRIBUTION)
+    except importlib_metadata.PackageNotFoundError:
+        raise RegistryError(f"{OWN_DISTRIBUTION} is not installed, so its own plugins cannot be "
+                            "found (they are entry points); run pip install -e . in the "
+                            "checkout") from None
+    return [ep for ep in dist.entry_points if ep.group == group]
 
 
 def _entry_points(group: str) -> List[Any]:
-    """All installed entry points of ``group`` (patched in tests to mock the table)."""
-    return list(importlib_metadata.entry_points(group=group))
+    """Other installed packages' entry points of ``group`` (patched in tests to mock the
+    table)."""
+    return [ep for ep in importlib_metadata.entry_points(group=group)
+            if getattr(getattr(ep, "dist", None), "name", None) != OWN_DISTRIBUTION]
 
 
 def _dist_label(ep: Any) -> str:
@@ -110,7 +112,6 @@ class Registry:
 
     def __init__(self) -> None:
         self._tables: Dict[str, Dict[str, Entry]] = {k: {} for k in KINDS}
-        self._builtins_loaded = False
         self._entry_points_scanned = False
         self._absorbed = 0
         self._lock = threading.RLock()
@@ -121,7 +122,7 @@ class Registry:
             raise RegistryError(f"unknown plugin kind '{kind}'{did_you_mean(kind, KINDS)}")
         if origin is None:
             top = getattr(obj, "__module__", "").split(".")[0]
-            in_tree = top in {p.split(".")[0] for p in BUILTIN_PACKAGES}
+            in_tree = top in OWN_PACKAGES
             origin = f"in-tree ({_object_origin(obj)})" if in_tree else _object_origin(obj)
         table = self._tables[kind]
         old = table.get(name)
@@ -142,15 +143,11 @@ class Registry:
     # -- discovery ----------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
         with self._lock:
-            if not self._builtins_loaded:
-                self._builtins_loaded = True
-                for package in BUILTIN_PACKAGES:
-                    _import_tree(package)
             self._absorb_declared()
             if not self._entry_points_scanned:
                 self._entry_points_scanned = True
                 for kind, group in KINDS.items():
-                    for ep in _entry_points(group):
+                    for ep in _own_entry_points(group) + _entry_points(group):
                         self._add_entry_point(kind, ep)
 
     def _absorb_declared(self) -> None:

@@ -44,7 +44,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
-DEFAULT_KEY = "stages.<stage>.guidance.model"
+DEFAULT_KEY = "stages.<stage>.guidance.multiview.model"
 LOCAL_PREFIX = "local-dir:"
 HUB_PREFIX = "hf-hub:"
 

@@ -52,13 +52,13 @@ class ObjectViews:
 
 def load_object_views(folder, size: Optional[int] = None) -> ObjectViews:
     """Read an object folder of the multi-view dataset format (groups, then references)."""
-    from engine.mvdataset import load_view
+    from engine.datasets.mvdataset import load_view
 
     folder = Path(folder)
     path = folder / "object.json"
     if not path.is_file():
         raise InputError(f"{folder} is not a dataset object (no object.json); see "
-                         "docs/dataset.md or make one with python -m engine.toy_world")
+                         "docs/dataset.md or make one with python -m engine.datasets.toy_world")
     try:
         record = json.loads(path.read_text())
         cams = [v for g in record.get("groups", []) for v in g["views"]]
@@ -193,7 +193,7 @@ class DatasetViewsL2(ViewTargets, Guidance):
 def heldout_psnr(rep, background, views: ObjectViews, size: int,
                  indices: Optional[List[int]] = None) -> List[float]:
     """PSNR (dB) of ``rep``'s renders against ``views`` (default: the held-out references)."""
-    from engine.metrics import psnr
+    from engine.evaluate.metrics import psnr
     from engine.plugin import StepInfo as Info
 
     indices = views.heldout_indices() if indices is None else indices

@@ -21,8 +21,8 @@ from engine.errors import ConfigError
 from engine.plugin import Guidance, RunInputs, StepInfo
 from engine.registry import register
 from engine.schedules import Schedule
-from guidance import sds
-from guidance.mv_cameras import CONVENTIONS, camera_vectors
+from guidance.multiview import sds
+from guidance.multiview.cameras import CONVENTIONS, camera_vectors
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,7 +41,7 @@ class MultiViewSDS(Guidance):
 
     @dataclass
     class Config:
-        # a converted folder (python -m guidance.convert), a raw .ckpt/.pt, or a hub id
+        # a converted folder (python -m guidance.multiview.convert), a raw .ckpt/.pt, or a hub id
         model: str = "pkunliu/Isotropic3D"
         conditioning: str = "auto"          # auto (the model's) | image | text
         # a number or a schedule (engine/schedules.py) on the same clock as the t-range, e.g.
@@ -81,7 +81,7 @@ class MultiViewSDS(Guidance):
 
     @classmethod
     def preflight(cls, cfg: "MultiViewSDS.Config", key: str = "stages.<stage>.guidance") -> None:
-        from guidance.pretrained import check_available
+        from guidance.multiview.pretrained import check_available
 
         check_available(cfg.model, key=f"{key}.model")
 
@@ -90,7 +90,7 @@ class MultiViewSDS(Guidance):
         super().__init__()
         self.cfg = cfg = cfg or MultiViewSDS.Config()
         if model is None:
-            from guidance.pretrained import load_multiview_model
+            from guidance.multiview.pretrained import load_multiview_model
 
             model = load_multiview_model(cfg.model, device=device,
                                          dtype=PRECISIONS[cfg.precision])

@@ -83,7 +83,7 @@ def draw_best_group(sds, cam16: Tensor, num_views: int, candidates: int, seed: i
         Not differentiable.
     """
     from guidance.reference import resize_image
-    from guidance.sample import sample_views
+    from guidance.multiview.sample import sample_views
 
     rgbs, masks = [], []
     for k in range(candidates):
@@ -143,7 +143,7 @@ class SampledViewsL2(ViewTargets, Guidance):
 
     @classmethod
     def preflight(cls, cfg: "SampledViewsL2.Config", key: str = "stages.<stage>.guidance"):
-        from guidance.pretrained import check_available
+        from guidance.multiview.pretrained import check_available
 
         check_available(cfg.model, key=f"{key}.model")
 
@@ -172,7 +172,7 @@ class SampledViewsL2(ViewTargets, Guidance):
     def draw(self, cameras: Cameras) -> None:
         """Sample ``candidates`` groups of views at ``cameras`` (one group) and keep the one
         most like the input picture as the targets."""
-        from guidance.mv_cameras import camera_vectors
+        from guidance.multiview.cameras import camera_vectors
 
         cfg, sds = self.cfg, self.sds
         n = len(cameras)

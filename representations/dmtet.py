@@ -27,15 +27,15 @@ from engine.cameras import Cameras
 from engine.errors import ConfigError
 from engine.plugin import Background, Representation, StepInfo
 from engine.registry import register
-from representations import marching_tets as mt
-from representations import rasterizer
-from representations.encodings import HashGridConfig
-from representations.level_match import silhouette_level
-from representations.mesh_render import render_mesh
-from representations.nerf import ColorField
-from representations.shading import (ShadingConfig, choose_shading, random_light_positions,
+from representations.lib import marching_tets as mt
+from representations.lib import rasterizer
+from representations.lib.encodings import HashGridConfig
+from representations.lib.level_match import silhouette_level
+from representations.lib.mesh_render import render_mesh
+from representations.lib.fields import ColorField
+from representations.lib.shading import (ShadingConfig, choose_shading, random_light_positions,
                                      shade)
-from representations.tets import cut_cell_tets, tet_grid
+from representations.lib.tets import cut_cell_tets, tet_grid
 
 INIT_SHAPES = ("sphere", "none")
 INIT_LEVELS = ("fixed", "silhouette")
@@ -112,7 +112,7 @@ class DMTet(Representation):
         # create_from: sdf = level - density(grid vertex), inside where dense. The level:
         #   fixed: init_threshold; None: the previous stage's isosurface_threshold, else 10
         #   silhouette: the level whose silhouettes from 16 ring cameras best match where the
-        #     previous stage renders opaque (representations.level_match); init_threshold
+        #     previous stage renders opaque (representations.lib.level_match); init_threshold
         #     (as above) only when it renders nothing opaque
         init_level: str = "fixed"
         init_threshold: Optional[float] = None
@@ -158,7 +158,7 @@ class DMTet(Representation):
         cfg = cfg or DMTet.Config()
         self.cfg = cfg
         # set by create_from: the density level the SDF started from, and the silhouette
-        # match (representations.level_match.LevelMatch) when that level was chosen
+        # match (representations.lib.level_match.LevelMatch) when that level was chosen
         self.start_level: Optional[float] = None
         self.start_match = None
         vertices, tets = tet_grid(cfg.resolution, cfg.bound, device=device)

@@ -18,8 +18,8 @@ from engine.cameras import Cameras
 from engine.errors import ConfigError
 from engine.plugin import Background, Representation, StepInfo
 from engine.registry import register
-from representations.isosurface import isosurface, sample_grid
-from representations.volume import ray_sphere_bounds, render_rays, stratified_samples
+from representations.lib.isosurface import isosurface, sample_grid
+from representations.lib.volume import ray_sphere_bounds, render_rays, stratified_samples
 
 
 @register("representation", "voxel-grid")

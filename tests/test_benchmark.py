@@ -10,7 +10,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from engine.benchmark import DATA_SIZE, means
+from engine.evaluate.benchmark import DATA_SIZE, means
 from engine.evaluate import main
 
 SMALL = ["stages.fit.steps=5", "stages.fit.resolution=16", "inputs.image_size=32",
@@ -138,7 +138,7 @@ def test_export_failure_is_a_recorded_row(bench, tmp_path):
 
 
 def test_shape_checks_prefer_own_truths(tmp_path):
-    from engine.benchmark import shape_checks
+    from engine.evaluate.benchmark import shape_checks
 
     shapes = {"tall": (0.2, 0.3, 1.0), "flat": (1.0, 0.8, 0.2), "also-tall": (0.25, 0.2, 0.9)}
     objects, rows = {}, []
@@ -185,9 +185,9 @@ def test_shape_checks_prefer_own_truths(tmp_path):
 def test_bench_world_holds_out_what_the_toy_models_never_saw():
     """The benchmark makes a smaller world than the models trained on; its held-out split
     must still be exactly theirs (else it would score objects they trained on)."""
-    from engine.benchmark import DATA_COUNT, DATA_HELDOUT
-    from engine.toy_models import DEFAULTS
-    from engine.toy_world import split_ids
+    from engine.evaluate.benchmark import DATA_COUNT, DATA_HELDOUT
+    from guidance.training.toy_models import DEFAULTS
+    from engine.datasets.toy_world import split_ids
 
     ids = [f"obj_{i:05d}" for i in range(DEFAULTS["count"])]
     trained_on = split_ids(ids, DEFAULTS["heldout"], DEFAULTS["seed"], DEFAULTS["heldout_pool"])
@@ -197,7 +197,7 @@ def test_bench_world_holds_out_what_the_toy_models_never_saw():
 
 
 def test_means_table_shows_the_shape_checks():
-    from engine.benchmark import markdown
+    from engine.evaluate.benchmark import markdown
 
     row = {"recipe": "r", "object": "obj_1", "ok": True, "chamfer": 0.1, "volume_iou": 0.3,
            "f_score": 0.2, "psnr": 13.0, "ssim": 0.6, "seconds": 9.0}

@@ -96,8 +96,8 @@ def tiny_clip():
 
 
 def _tiny_mv_model(folder: Path, conditioner) -> Path:
-    from guidance.model import MultiViewDiffusionModel
-    from guidance.mv_unet import MultiViewUNetConfig
+    from guidance.multiview.model import MultiViewDiffusionModel
+    from guidance.multiview.unet import MultiViewUNetConfig
 
     unet = MultiViewUNetConfig(sample_size=8, in_channels=3, out_channels=3,
                                block_out_channels=[32, 32], layers_per_block=1,

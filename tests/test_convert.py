@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from engine.errors import UserError
-from guidance import convert, pretrained
+from guidance.multiview import convert
+from guidance.multiview import pretrained
 from guidance.conditioners import build_openclip, clip_preprocess, tiny_openclip_config
-from guidance.mv_unet import MultiViewUNetConfig, build_unet
+from guidance.multiview.unet import MultiViewUNetConfig, build_unet
 
 
 # -- an independent generator of LDM names and shapes -------------------------------------
@@ -337,7 +338,7 @@ def test_checkpoint_file_converts_end_to_end(tmp_path, kind):
                                   echo=False)
     assert report.unknown == [] and not report.has_missing() and report.schedule == []
     assert not any(report.unexpected.values())
-    from guidance.model import MultiViewDiffusionModel
+    from guidance.multiview.model import MultiViewDiffusionModel
 
     model = MultiViewDiffusionModel.from_pretrained(out)
     assert model.info.conditioning == kind
@@ -438,9 +439,9 @@ def test_unavailable_models_give_one_line_instructions(offline, tmp_path):
         msg = str(err.value)
         assert "\n" not in msg
         assert "pkunliu/Isotropic3D isotropic3d.ckpt" in msg and "offline" in msg
-        assert "stages.<stage>.guidance.model=PATH" in msg
-    with pytest.raises(UserError, match="stages.fit.guidance.model=PATH"):
-        pretrained.check_available("someone/some-model", key="stages.fit.guidance.model")
+        assert "stages.<stage>.guidance.multiview.model=PATH" in msg
+    with pytest.raises(UserError, match="stages.fit.guidance.multiview.model=PATH"):
+        pretrained.check_available("someone/some-model", key="stages.fit.guidance.multiview.model")
     with pytest.raises(UserError, match="not found"):
         pretrained.check_available(str(tmp_path / "nothing.ckpt"))
     empty = tmp_path / "empty"
@@ -454,7 +455,7 @@ def test_relative_paths_fall_back_to_the_project(tmp_path, monkeypatch):
     any working directory, and a same-named folder under the working directory wins."""
     from dataclasses import replace
 
-    from guidance.model import MultiViewDiffusionModel
+    from guidance.multiview.model import MultiViewDiffusionModel
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     cfg = replace(tiny_unet_cfg(), in_channels=3, out_channels=3)

@@ -15,8 +15,8 @@ from engine import registry
 from representations.backgrounds import SolidBackground
 from representations.dmtet import (DMTet, adjacent_face_pairs, laplacian_loss,
                                    normal_consistency)
-from representations.encodings import HashGridConfig
-from representations.nerf import ColorField
+from representations.lib.encodings import HashGridConfig
+from representations.lib.fields import ColorField
 
 SMALL_GRID = dict(n_levels=2, n_features=2, log2_table_size=10, base_resolution=4,
                   per_level_scale=2.0, backend="torch")
@@ -164,7 +164,7 @@ def test_silhouette_loss_moves_the_surface_outwards():
 
 
 def test_textureless_shading_after_ambient_steps():
-    from representations.shading import ShadingConfig
+    from representations.lib.shading import ShadingConfig
 
     rep = DMTet(_cfg(shading=ShadingConfig(ambient_only_steps=0, textureless_prob=1.0)))
     rep.train()

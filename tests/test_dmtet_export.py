@@ -8,7 +8,7 @@ import trimesh
 
 from engine.export import ExportConfig, TurntableConfig, export_representation
 from representations.dmtet import DMTet
-from representations.encodings import HashGridConfig
+from representations.lib.encodings import HashGridConfig
 
 
 def box_sdf(p: torch.Tensor, half: torch.Tensor) -> torch.Tensor:

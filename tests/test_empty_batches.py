@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from engine.cameras import Cameras, look_at, orbit
-from representations import volume
+from representations.lib import volume
 from representations.backgrounds import SolidBackground
 from representations.dmtet import DMTet
-from representations.encodings import (HashGridConfig, HashGridEncoding, hash_grid_encode,
+from representations.lib.encodings import (HashGridConfig, HashGridEncoding, hash_grid_encode,
                                        hash_grid_encode_with_jacobian, layout_tensors)
-from representations.level_match import ray_opacity_and_peak
-from representations.marching_tets import marching_tets
+from representations.lib.level_match import ray_opacity_and_peak
+from representations.lib.marching_tets import marching_tets
 from representations.nerf import NeRF, NeRFConfig, OccupancyConfig
-from representations.occupancy import OccupancyGrid, cell_index
-from representations.shading import shade
-from representations.tets import tet_grid
+from representations.lib.occupancy import OccupancyGrid, cell_index
+from representations.lib.shading import shade
+from representations.lib.tets import tet_grid
 from representations.voxel_grid import VoxelGrid
 
 TINY_GRID = dict(n_levels=4, n_features=2, log2_table_size=12, base_resolution=4,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.errors import ConfigError
-from representations.encodings import (PRIMES, HashGridConfig, HashGridEncoding, grid_layout,
+from representations.lib.encodings import (PRIMES, HashGridConfig, HashGridEncoding, grid_layout,
                                        hash_grid_encode, hash_grid_reference, layout_tensors)
 
 

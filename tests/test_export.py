@@ -15,8 +15,8 @@ from engine.export import (ExportConfig, TurntableConfig, bake_texture, dilate,
                            export_representation, render_turntable)
 from engine.plugin import Representation
 from representations.backgrounds import SolidBackground
-from representations.mesh import CleanupOptions, clean_mesh, normalize_vertices
-from representations.mesh_render import render_mesh
+from representations.lib.mesh import CleanupOptions, clean_mesh, normalize_vertices
+from representations.lib.mesh_render import render_mesh
 
 
 def smooth_colour(points):

@@ -1,4 +1,4 @@
-"""python -m engine.finetune: every mode on a tiny dataset with tiny models.
+"""python -m guidance.training.finetune: every mode on a tiny dataset with tiny models.
 
 One module-scoped text run (through the command line) feeds the image stage, which feeds the
 ema stage, as in the toy recipes; the maths of a step are checked on hand-built tensors.
@@ -15,14 +15,14 @@ import yaml
 
 from engine.cameras import Cameras
 from engine.errors import ConfigError
-from engine.finetune import (Finetune, StepBatchSampler, WeightAverage, build_config,
+from guidance.training.finetune import (Finetune, StepBatchSampler, WeightAverage, build_config,
                              build_diffusion_model, clip_loss, diffusion_loss,
                              foreground_pixel_weights, lr_at, main, make_diffusion_batch,
                              snr_loss_weights)
-from engine.mvdataset import write_index, write_object
+from engine.datasets.mvdataset import write_index, write_object
 from guidance.conditioners import build_openclip, save_openclip_folder, tiny_openclip_config
-from guidance.model import MultiViewDiffusionModel
-from guidance.mv_unet import unet_forward
+from guidance.multiview.model import MultiViewDiffusionModel
+from guidance.multiview.unet import unet_forward
 
 COLOURS = {"red": (220, 40, 30), "green": (40, 200, 60), "blue": (40, 60, 220),
            "yellow": (230, 210, 40)}
@@ -206,7 +206,7 @@ def test_noising_dropout_and_shared_timestep():
 
 
 def test_ema_reference_joins_attention_but_not_the_loss():
-    from guidance.mv_unet import MultiViewUNetConfig
+    from guidance.multiview.unet import MultiViewUNetConfig
 
     unet_cfg = MultiViewUNetConfig(in_channels=3, out_channels=3, cross_attention_dim=32,
                                    **TINY_UNET)
@@ -424,7 +424,7 @@ def test_ema_stage_runs_and_saves_a_plain_model(work, text_run):
 
 
 def test_reference_dropout_trains_some_steps_as_inference_runs(work, text_run, monkeypatch):
-    import guidance.mv_unet as mv_unet
+    import guidance.multiview.unet as mv_unet
 
     groups = []
     real = mv_unet.unet_forward
@@ -476,7 +476,7 @@ def test_clip_mode_learns_and_saves_openclip_folder(work):
 def test_v_prediction_targets_v_and_learns(work):
     """model.prediction_type=v_prediction: the batch's target is v, the loss falls on a fixed
     batch, and the saved model says v (so predict_noise converts for SDS and sampling)."""
-    from guidance.model import v_target
+    from guidance.multiview.model import v_target
 
     spec = dict(text_model_spec(work), prediction_type="v_prediction")
     cfg = build_config(yaml.safe_load(recipe(work, "text", model=spec, lr=3e-3).read_text()),
@@ -503,7 +503,7 @@ def test_zero_terminal_snr_text_model_learns_the_image_from_pure_noise(work, cap
     the v target is -x0 (the model must make the image from the context alone); the loss
     falls on a fixed batch and the saved model carries the schedule. Misspelt or paired with
     epsilon, the recipe is refused in one line."""
-    from guidance.model import add_noise, v_target
+    from guidance.multiview.model import add_noise, v_target
 
     spec = dict(text_model_spec(work), prediction_type="v_prediction",
                 noise_schedule="zero-terminal-snr")
@@ -578,7 +578,7 @@ def test_min_snr_training_learns_and_bad_settings_are_one_line(work, capsys, mon
     job = Finetune(cfg, work / "min-snr-text")
     seen = []
     real = snr_loss_weights
-    monkeypatch.setattr("engine.finetune.snr_loss_weights",
+    monkeypatch.setattr("guidance.training.finetune.snr_loss_weights",
                         lambda *a, **k: seen.append(a) or real(*a, **k))
     losses = fit_fixed_batch(job, 15)
     assert all(np.isfinite(losses)) and min(losses[-3:]) < 0.5 * losses[0]
@@ -643,7 +643,7 @@ def test_foreground_weight_reaches_the_loss_from_the_views_alpha(work, text_run,
     """ema mode, foreground_weight 4: the loss uses the batch's masks at the model's 8 px
     (the files are 16 px), weighs the bars more than the background, still learns, and bad
     settings are one line."""
-    import engine.finetune as finetune
+    import guidance.training.finetune as finetune
 
     spec = {"init": str(text_run / "model"), "conditioner": {"model": str(work / "clip")}}
     cfg = build_config(yaml.safe_load(recipe(work, "ema", model=spec, lr=3e-3,

@@ -7,9 +7,9 @@ import pytest
 
 from engine import config
 from engine.config import build
-from engine.metrics import compare_files
+from engine.evaluate.metrics import compare_files
 from engine.run import main
-from engine.toy_world import generate
+from engine.datasets.toy_world import generate
 from engine.trainer import load_finished_representation
 from guidance.dataset_views import heldout_psnr, load_object_views
 

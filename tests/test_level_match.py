@@ -1,4 +1,4 @@
-"""representations.level_match and DMTet's ``init_level: silhouette``: hand-made rays with
+"""representations.lib.level_match and DMTet's ``init_level: silhouette``: hand-made rays with
 an exact best cut, and a Gaussian blob whose matching level is known in closed form."""
 
 import math
@@ -10,9 +10,9 @@ from torch import nn
 
 from engine.errors import ConfigError
 from representations.dmtet import DMTet
-from representations.encodings import HashGridConfig
-from representations.level_match import best_silhouette_level, silhouette_level
-from representations.nerf import ColorField
+from representations.lib.encodings import HashGridConfig
+from representations.lib.level_match import best_silhouette_level, silhouette_level
+from representations.lib.fields import ColorField
 
 SMALL_GRID = dict(n_levels=2, n_features=2, log2_table_size=10, base_resolution=4,
                   per_level_scale=2.0, backend="torch")

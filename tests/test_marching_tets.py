@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from representations.marching_tets import (TRIANGLE_COUNTS, _kaolin_available, marching_tets,
+from representations.lib.marching_tets import (TRIANGLE_COUNTS, _kaolin_available, marching_tets,
                                            resolve_backend)
-from representations.tets import signed_volumes, tet_grid
+from representations.lib.tets import signed_volumes, tet_grid
 
 REF = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
 ONE_TET = torch.tensor([[0, 1, 2, 3]])

@@ -8,7 +8,7 @@ import trimesh
 
 from engine.cameras import Cameras
 from representations.backgrounds import SolidBackground
-from representations.mesh_render import render_mesh, vertex_normals
+from representations.lib.mesh_render import render_mesh, vertex_normals
 
 H = W = 64
 DIST = 2.5

@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from engine import metrics
+from engine.evaluate import metrics
 from engine.evaluate import main as evaluate_main
 
 

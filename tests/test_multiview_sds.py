@@ -15,9 +15,9 @@ from engine.plugin import RunInputs, StepInfo
 from engine.run import main
 from guidance.conditioners import (OpenCLIPImageConditioner, OpenCLIPTextConditioner,
                                    build_openclip, tiny_openclip_config)
-from guidance.model import MultiViewDiffusionModel
+from guidance.multiview.model import MultiViewDiffusionModel
 from guidance.multiview_sds import MultiViewSDS
-from guidance.mv_unet import MultiViewUNetConfig
+from guidance.multiview.unet import MultiViewUNetConfig
 
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
                 down_block_types=["DownEncoderBlock2D"] * 2,
@@ -101,7 +101,7 @@ def test_text_model_needs_a_prompt_and_uses_it(text_model_dir):
 
 def test_timestep_range_reads_the_run_clock_across_stages(image_model_dir, rgba_image,
                                                          monkeypatch):
-    from guidance import sds
+    from guidance.multiview import sds
 
     seen = []
     monkeypatch.setattr(sds, "sample_timestep", lambda lo, hi, g=None: seen.append((lo, hi)) or lo)
@@ -116,7 +116,7 @@ def test_timestep_range_reads_the_run_clock_across_stages(image_model_dir, rgba_
 
 
 def test_guidance_scale_schedule_follows_the_clock(image_model_dir, rgba_image, monkeypatch):
-    from guidance import sds
+    from guidance.multiview import sds
 
     inputs = RunInputs(image=load_reference_image(rgba_image, 64))
     rgb = torch.rand(4, 16, 16, 3)
@@ -201,7 +201,7 @@ def test_missing_weights_fail_at_start_with_one_line(rgba_image, tmp_path, capsy
                f"image={rgba_image}", f"out={out}"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and "\n" not in err
-    assert "stages.coarse.guidance.model" in err or "guidance.model" in err
+    assert "stages.coarse.guidance.multiview.model" in err or "guidance.multiview.model" in err
     assert not out.exists()                                 # nothing started
 
 
@@ -210,7 +210,7 @@ def test_sample_cli_writes_a_grid_of_views(image_model_dir, rgba_image, tmp_path
 
     import numpy as np
 
-    from guidance.sample import main as sample_main, read_views
+    from guidance.multiview.sample import main as sample_main, read_views
 
     out = tmp_path / "views.png"
     assert sample_main([f"image={rgba_image}", f"out={out}", f"model={image_model_dir}",
@@ -239,7 +239,7 @@ def tiny_isotropic3d_args(model: Path, image: Path, out: Path) -> list:
             f"stages.dmtet.representation.color={small_grid}"]
     for stage in ("nerf", "dmtet"):
         args += [f"stages.{stage}.steps=2", f"stages.{stage}.resolution=16",
-                 f"stages.{stage}.cameras.groups=1", f"stages.{stage}.guidance.model={model}"]
+                 f"stages.{stage}.cameras.groups=1", f"stages.{stage}.guidance.multiview.model={model}"]
     args += [f"stages.nerf.representation.hash_grid={small_grid}",
              "stages.nerf.representation.samples_per_ray=8",
              "stages.nerf.representation.isosurface_threshold=5"]
@@ -269,4 +269,4 @@ def test_isotropic3d_without_weights_stops_at_once(rgba_image, tmp_path, capsys)
     args = tiny_isotropic3d_args(tmp_path / "missing-weights", rgba_image, out)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "stages.nerf.guidance.model" in err and not out.exists()
+    assert "stages.nerf.guidance.multiview.model" in err and not out.exists()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.cameras import Cameras
-from guidance.mv_cameras import camera_vectors, isotropic3d_release_vectors, mvdream_vectors
+from guidance.multiview.cameras import camera_vectors, isotropic3d_release_vectors, mvdream_vectors
 
 
 def mvdream_reference(elevation_deg: float, azimuth_deg: float) -> np.ndarray:

@@ -9,8 +9,8 @@ import torch
 from engine.errors import ConfigError, UserError
 from guidance.conditioners import (OpenCLIPImageConditioner, OpenCLIPTextConditioner,
                                    build_openclip, tiny_openclip_config)
-from guidance.model import INDEX_FILE, MultiViewDiffusionModel
-from guidance.mv_unet import MultiViewUNetConfig
+from guidance.multiview.model import INDEX_FILE, MultiViewDiffusionModel
+from guidance.multiview.unet import MultiViewUNetConfig
 
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
                 down_block_types=["DownEncoderBlock2D"] * 2,
@@ -188,7 +188,7 @@ def test_missing_or_corrupt_folders_are_user_errors(latent_model, tmp_path):
 
 
 def test_v_prediction_round_trip_and_predict_noise_converts():
-    from guidance.model import eps_from_v, v_target
+    from guidance.multiview.model import eps_from_v, v_target
 
     model = MultiViewDiffusionModel.build_random(unet_cfg(3), "pixel", seed=0, init_std=0.05,
                                                  conditioner=image_conditioner(),
@@ -270,7 +270,7 @@ def test_zero_terminal_snr_needs_v_prediction_and_a_known_name():
 def test_sampler_follows_the_model_schedule():
     """DDIM starts where the model's schedule is pure noise (t = 999 on zero terminal SNR);
     MVDream's models keep their "leading" steps offset by one."""
-    from guidance.sample import ddim_scheduler
+    from guidance.multiview.sample import ddim_scheduler
 
     zero = ddim_scheduler(_pixel_v_model("zero-terminal-snr"), True)
     zero.set_timesteps(10)
@@ -285,7 +285,7 @@ def test_sampling_on_v_matches_sampling_on_epsilon():
     pure-noise step that is the same DDIM as stepping the converted epsilon."""
     from diffusers import DDIMScheduler
 
-    from guidance.sample import sample_views
+    from guidance.multiview.sample import sample_views
 
     model = _pixel_v_model("scaled-linear")
     cond, uncond = torch.randn(1, 1, 32), torch.zeros(1, 1, 32)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from guidance.mv_unet import MultiViewUNetConfig, build_unet, unet_forward
+from guidance.multiview.unet import MultiViewUNetConfig, build_unet, unet_forward
 
 
 def tiny_cfg(**kw):

@@ -12,7 +12,7 @@ import trimesh
 
 from engine.cameras import Cameras
 from engine.errors import InputError
-from engine.mvdataset import MultiViewDataset, collate, write_index, write_object
+from engine.datasets.mvdataset import MultiViewDataset, collate, write_index, write_object
 
 
 def _rgba(rng: np.random.Generator, size: int = 32) -> np.ndarray:

@@ -11,10 +11,10 @@ from engine import registry
 from engine.cameras import Cameras, orbit
 from engine.errors import ConfigError
 from representations.backgrounds import SolidBackground
-from representations.encodings import HashGridConfig
+from representations.lib.encodings import HashGridConfig
 from representations.nerf import NeRF, NeRFConfig, OccupancyConfig
-from representations.occupancy import OccupancyGrid, cell_index
-from representations.shading import (ShadingConfig, choose_shading, random_light_positions,
+from representations.lib.occupancy import OccupancyGrid, cell_index
+from representations.lib.shading import (ShadingConfig, choose_shading, random_light_positions,
                                      shade)
 
 TINY_GRID = dict(n_levels=4, n_features=2, log2_table_size=12, base_resolution=4,
@@ -152,7 +152,7 @@ def test_occupancy_skips_only_empty_space():
     assert 0.05 < frac < 0.6
     cameras = cams(2)
     o, d = (t.reshape(-1, 3) for t in cameras.rays(8, 8))
-    from representations import volume
+    from representations.lib import volume
     near, far, hit = volume.ray_sphere_bounds(o, d, 1.0)
     t0, t1 = volume.stratified_samples(near, far, 32, perturb=False)
     pts = o[:, None] + d[:, None] * (0.5 * (t0 + t1))[..., None]

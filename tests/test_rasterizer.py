@@ -4,8 +4,8 @@ watertightness, gradient checks and the silhouette gradient's sign."""
 import pytest
 import torch
 
-from representations import rasterizer as R
-from representations.rasterizer import antialias, interpolate, rasterize
+from representations.lib import rasterizer as R
+from representations.lib.rasterizer import antialias, interpolate, rasterize
 
 
 def _clip(ndc_xy, w, z=0.0, dtype=torch.float64):
@@ -143,7 +143,7 @@ def test_large_triangles_and_chunking_agree(monkeypatch):
 def test_closed_mesh_is_watertight():
     trimesh = pytest.importorskip("trimesh")
     from engine.cameras import Cameras
-    from representations.mesh_render import world_to_clip
+    from representations.lib.mesh_render import world_to_clip
 
     mesh = trimesh.creation.icosphere(subdivisions=3)
     v = torch.tensor(mesh.vertices, dtype=torch.float32)
@@ -300,7 +300,7 @@ def _has_nvdiffrast():
 def test_nvdiffrast_matches_torch():
     trimesh = pytest.importorskip("trimesh")
     from engine.cameras import Cameras
-    from representations.mesh_render import world_to_clip
+    from representations.lib.mesh_render import world_to_clip
 
     mesh = trimesh.creation.icosphere(subdivisions=3)
     v = torch.tensor(mesh.vertices, dtype=torch.float32, device="cuda")

@@ -11,7 +11,7 @@ from engine.config import PROJECT_ROOT
 from engine.errors import ConfigError
 from engine.plugin import ReferenceImage, RunInputs, StepInfo
 from guidance import sampled_views as sv
-from representations.encodings import HashGridConfig
+from representations.lib.encodings import HashGridConfig
 from representations.nerf import NeRF, NeRFConfig, OccupancyConfig
 
 STAGE2 = PROJECT_ROOT / "models" / "toy" / "stage2"
@@ -58,7 +58,7 @@ def test_match_error_ranks_the_candidate_that_looks_like_the_picture_first():
 
 @pytest.fixture
 def fake_sampler(monkeypatch):
-    """guidance.sample.sample_views replaced: candidate k (seed k) is every view in one flat
+    """guidance.multiview.sample.sample_views replaced: candidate k (seed k) is every view in one flat
     colour over the middle half; seed 2's colour is the picture's."""
     colours = {0: [0.9, 0.1, 0.1], 1: [0.1, 0.8, 0.1], 2: [0.2, 0.3, 0.9], 3: [0.9, 0.9, 0.1]}
     calls = []
@@ -69,8 +69,8 @@ def fake_sampler(monkeypatch):
         img = picture(colours[seed % 4]).image.rgb.permute(2, 0, 1)
         return img[None].expand(n, -1, -1, -1).clone()
 
-    import guidance.sample
-    monkeypatch.setattr(guidance.sample, "sample_views", fake)
+    import guidance.multiview.sample
+    monkeypatch.setattr(guidance.multiview.sample, "sample_views", fake)
     return calls
 
 
@@ -181,11 +181,11 @@ def test_nerf_create_from_a_nerf_continues_its_field():
 
 
 def test_sample_cli_keeps_the_candidate_most_like_the_picture(fake_sampler, tmp_path, capsys):
-    """python -m guidance.sample candidates=K previews exactly the group the recipe fits."""
+    """python -m guidance.multiview.sample candidates=K previews exactly the group the recipe fits."""
     import numpy as np
     from PIL import Image
 
-    from guidance.sample import main, read_views
+    from guidance.multiview.sample import main, read_views
 
     size = 64
     inputs = picture([0.2, 0.3, 0.9], size)

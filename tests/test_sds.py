@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from guidance import sds
+from guidance.multiview import sds
 from guidance.multiview_sds import MultiViewSDS
 
 

@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from representations.marching_tets import marching_tets
-from representations.tets import cut_cell_tets, signed_volumes, tet_faces, tet_grid
+from representations.lib.marching_tets import marching_tets
+from representations.lib.tets import cut_cell_tets, signed_volumes, tet_faces, tet_grid
 
 
 def _face_counts(tets):

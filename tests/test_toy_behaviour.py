@@ -1,4 +1,4 @@
-"""What the shipped toy models (models/toy, made by python -m engine.toy_models) have learnt,
+"""What the shipped toy models (models/toy, made by python -m guidance.training.toy_models) have learnt,
 judged on held-out objects (examples/toy) against their ground truth."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from engine import view_scores as vs
+from engine.evaluate import view_scores as vs
 from engine.config import PROJECT_ROOT
 
 MODELS = PROJECT_ROOT / "models" / "toy"
@@ -15,7 +15,7 @@ NAMES = ("red-mug", "pink-vase", "brown-box", "blue-mushroom")
 
 
 def ground_truth_views(name: str, size: int) -> np.ndarray:
-    """uint8 [4, size, size, 4]: the example's ground truth at guidance.sample's cameras."""
+    """uint8 [4, size, size, 4]: the example's ground truth at guidance.multiview.sample's cameras."""
     import trimesh
 
     mesh = trimesh.load(EXAMPLES / f"{name}.obj", force="mesh", process=False)
@@ -26,9 +26,9 @@ SEEDS = (0, 1)
 
 
 def sample_views(image, grid, seed: int) -> np.ndarray:
-    """uint8 [4, S, S, 3]: the shipped stage 2's views of ``image`` by guidance.sample, with
+    """uint8 [4, S, S, 3]: the shipped stage 2's views of ``image`` by guidance.multiview.sample, with
     the settings every behaviour test samples with (written to ``grid``)."""
-    from guidance.sample import main, read_views
+    from guidance.multiview.sample import main, read_views
 
     assert main([f"image={image}", f"out={grid}", f"model={MODELS / 'stage2'}", "steps=30",
                  "scale=2", f"seed={seed}", "device=cpu", f"elevation={vs.SAMPLE_ELEVATION}",
@@ -38,7 +38,7 @@ def sample_views(image, grid, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    """{seed: {example: uint8 [4, S, S, 3] views sampled by guidance.sample from its picture}}.
+    """{seed: {example: uint8 [4, S, S, 3] views sampled by guidance.multiview.sample from its picture}}.
     Two seeds: with one, a pattern in one view's starting noise can show in every example."""
     out = tmp_path_factory.mktemp("samples")
     views = {}
@@ -50,7 +50,7 @@ def samples(tmp_path_factory):
 
 
 def test_shipped_models_are_the_documented_chain():
-    from guidance.model import MultiViewDiffusionModel
+    from guidance.multiview.model import MultiViewDiffusionModel
 
     for name in ("clip", "text", "stage1", "stage2"):
         assert (MODELS / name).is_dir(), f"models/toy/{name} is missing"
@@ -58,7 +58,7 @@ def test_shipped_models_are_the_documented_chain():
     assert stage2.info.conditioning == "image" and stage2.info.space == "pixel"
     assert MultiViewDiffusionModel.from_pretrained(MODELS / "text").info.conditioning == "text"
     record = json.loads((MODELS / "manifest.json").read_text())
-    assert record["command"].startswith("python -m engine.toy_models")
+    assert record["command"].startswith("python -m guidance.training.toy_models")
     for f in MODELS.rglob("*"):
         assert f.suffix not in (".pt", ".pth", ".ckpt", ".bin"), f"pickled weights: {f}"
 
@@ -93,7 +93,7 @@ def unseen(tmp_path_factory):
     each), front view in, sampled as the examples are."""
     import trimesh
 
-    from engine.toy_world import generate
+    from engine.datasets.toy_world import generate
 
     root = tmp_path_factory.mktemp("unseen")
     data = root / "data"
@@ -113,7 +113,7 @@ def unseen(tmp_path_factory):
 def test_sampled_views_have_the_shape_of_their_own_object(unseen):
     """Shape, blind to size, on 16 objects of 16 kinds the models never saw: for a pair of
     objects, the views of each fit its own truth's silhouettes better than the other's (the
-    swap test, engine.view_scores; chance 0.5), silhouette IoU averaged over 2 seeds; 120
+    swap test, engine.evaluate.view_scores; chance 0.5), silhouette IoU averaged over 2 seeds; 120
     pairs. Measured with the shipped stage 2: 0.80 (the previous, 6500-step stage 2 without
     reference dropout: 0.69). benchmarks/bench_toy_views.py measures the same on the 20
     held-out objects of the models' own world."""
@@ -129,8 +129,8 @@ def test_sampled_views_have_the_shape_of_their_own_object(unseen):
 def test_isotropic3d_toy_beats_the_initial_blob(tmp_path):
     """A shortened isotropic3d-toy run on a held-out picture ends closer to the ground-truth
     mesh (Chamfer, volume IoU after yaw alignment) than the shape it starts from."""
-    from engine.benchmark import _initial
-    from engine.metrics import compare_files
+    from engine.evaluate.benchmark import _initial
+    from engine.evaluate.metrics import compare_files
     from engine.run import main
 
     image, truth = EXAMPLES / "brown-box.png", EXAMPLES / "brown-box.obj"
@@ -166,8 +166,8 @@ def test_isotropic3d_toy_views_keeps_the_mushroom_a_mushroom(tmp_path):
     """The sampled-views recipe, shortened, on the held-out blue mushroom: a cap much wider
     than its stalk, as the truth (a 400-step NeRF SDS stage after the views stage pulled it to
     a column, cap / stalk about 1.4), and nearer the truth than the shape it starts from."""
-    from engine.benchmark import _initial
-    from engine.metrics import compare_files
+    from engine.evaluate.benchmark import _initial
+    from engine.evaluate.metrics import compare_files
     from engine.run import main
 
     image, truth = EXAMPLES / "blue-mushroom.png", EXAMPLES / "blue-mushroom.obj"

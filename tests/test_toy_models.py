@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.toy_models import main
+from guidance.training.toy_models import main
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def chain(tmp_path_factory) -> Path:
 
 def test_chain_produces_loadable_models(chain):
     from guidance.conditioners import OpenCLIPImageConditioner
-    from guidance.model import MultiViewDiffusionModel
+    from guidance.multiview.model import MultiViewDiffusionModel
 
     models = chain / "models"
     for name in ("clip", "text", "stage1", "stage2"):
@@ -65,7 +65,7 @@ def test_manifest_records_command_and_trainings(chain):
     import json
 
     record = json.loads((chain / "models" / "manifest.json").read_text())
-    assert record["command"] == ("python -m engine.toy_models count=6 heldout=1 "
+    assert record["command"] == ("python -m guidance.training.toy_models count=6 heldout=1 "
                                  "steps_scale=0.001 width=2 batch=2")
     assert set(record["models"]) == {"clip", "text", "stage1", "stage2"}
     for name, info in record["models"].items():

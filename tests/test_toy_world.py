@@ -12,9 +12,9 @@ import torch
 import trimesh
 from PIL import Image
 
-from engine import toy_world as tw
+from engine.datasets import toy_world as tw
 from engine.cameras import Cameras, ndc_to_pixel
-from engine.mvdataset import MultiViewDataset
+from engine.datasets.mvdataset import MultiViewDataset
 
 
 @pytest.fixture(scope="module")

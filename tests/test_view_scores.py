@@ -1,10 +1,10 @@
-"""engine.view_scores on hand-made pictures with known answers."""
+"""engine.evaluate.view_scores on hand-made pictures with known answers."""
 
 import numpy as np
 import pytest
 import trimesh
 
-from engine import view_scores as vs
+from engine.evaluate import view_scores as vs
 
 
 def picture(boxes, colour=(200, 30, 30), size=8):

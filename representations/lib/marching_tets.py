@@ -3,7 +3,7 @@
 Convention: ``sdf < 0`` is inside, ``sdf >= 0`` outside (a vertex exactly on the level set
 counts as outside). Output faces are counter-clockwise seen from outside, so their right-hand
 normals point outwards (towards increasing SDF), for tets listed with positive signed volume
-(as :func:`representations.tets.tet_grid` makes them).
+(as :func:`representations.lib.tets.tet_grid` makes them).
 
 Each output vertex is the zero crossing on one tet edge (a, b) whose endpoints have opposite
 signs, linearly interpolated from the endpoint SDFs:

@@ -23,11 +23,11 @@ from typing import List, Optional
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a.startswith("bench=") for a in argv):
-        from engine.benchmark import main as bench_main
+        from engine.evaluate.benchmark import main as bench_main
 
         return bench_main(argv)
     from engine.errors import UserError
-    from engine.metrics import compare_files
+    from engine.evaluate.metrics import compare_files
 
     parser = argparse.ArgumentParser(prog="python -m engine.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

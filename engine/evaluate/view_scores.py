@@ -1,6 +1,6 @@
 """Judging sampled views of a toy object against its ground truth, seen from the same cameras.
 
-``python -m guidance.sample`` draws V views of the object in a picture; for a toy-world object
+``python -m guidance.multiview.sample`` draws V views of the object in a picture; for a toy-world object
 we know what they should look like. These scores say whether the views show the right object:
 
 * silhouette IoU between a sampled view's foreground (pixels visibly off the white background)
@@ -12,7 +12,7 @@ the views are the right shape: row i peaking at i (identified), and above all th
 (:func:`swap_test_accuracy`), which is blind to size. benchmarks/bench_toy_views.py reports
 both on the held-out split; tests/test_toy_behaviour.py uses them on examples/toy.
 
-Cameras follow guidance.sample's defaults: elevation 15, azimuths 0/90/180/270, framed as the
+Cameras follow guidance.multiview.sample's defaults: elevation 15, azimuths 0/90/180/270, framed as the
 toy world frames its canonical front view (fovy 40, bounding sphere filling 80% of the frame).
 """
 
@@ -32,7 +32,7 @@ def ground_truth_views(mesh, size: int, elevation: float = SAMPLE_ELEVATION,
     """uint8 [V, size, size, 4] renders of a toy mesh (trimesh, vertex colours) at the
     sampling cameras, with the toy world's front-view framing."""
     from engine.cameras import Cameras
-    from engine.toy_world import FRONT_FILL, FRONT_FOVY, camera_distance, render_object
+    from engine.datasets.toy_world import FRONT_FILL, FRONT_FOVY, camera_distance, render_object
 
     cams = Cameras.from_spherical([elevation] * len(azimuths), list(azimuths),
                                   camera_distance(FRONT_FOVY, FRONT_FILL), FRONT_FOVY)

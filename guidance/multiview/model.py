@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from engine.errors import ConfigError, UserError, did_you_mean
-from guidance.mv_unet import MultiViewUNetConfig, build_unet, unet_forward
+from guidance.multiview.unet import MultiViewUNetConfig, build_unet, unet_forward
 
 FORMAT_NAME = "distill-engine-multiview-model"
 FORMAT_VERSION = 1
@@ -449,10 +449,10 @@ def read_index(folder: Path) -> dict:
     path = folder / INDEX_FILE
     if not folder.is_dir():
         raise UserError(f"model folder {folder} does not exist; convert a checkpoint with "
-                        "python -m guidance.convert SRC OUT")
+                        "python -m guidance.multiview.convert SRC OUT")
     if not path.is_file():
         raise UserError(f"{folder} is not a converted multi-view model ({INDEX_FILE} missing); "
-                        "convert a checkpoint with python -m guidance.convert SRC OUT")
+                        "convert a checkpoint with python -m guidance.multiview.convert SRC OUT")
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

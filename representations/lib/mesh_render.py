@@ -10,7 +10,7 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from engine.cameras import Cameras
-from representations.rasterizer import antialias, interpolate, rasterize
+from representations.lib.rasterizer import antialias, interpolate, rasterize
 
 
 def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:

@@ -1,12 +1,12 @@
-"""``python -m engine.toy_models``: re-create the toy models from scratch, seeded.
+"""``python -m guidance.training.toy_models``: re-create the toy models from scratch, seeded.
 
-    python -m engine.toy_models [out=models/toy] [data=data/toy] [count=200] [heldout=20]
+    python -m guidance.training.toy_models [out=models/toy] [data=data/toy] [count=200] [heldout=20]
         [heldout_pool=0] [seed=0] [steps_scale=1.0] [width=1] [batch=0] [device=auto]
         [threads=0]
 
 The chain (../shared/DESIGN.md section 5), each step through the same commands a user runs:
 
-1. the toy world (``engine.toy_world``) into ``data`` unless it is already there;
+1. the toy world (``engine.datasets.toy_world``) into ``data`` unless it is already there;
 2. ``recipes/finetune/toy-clip``: a tiny OpenCLIP trained contrastively on renders + captions;
 3. ``toy-text``: a pixel-space text-to-multi-view model trained from scratch (MVDream analogue);
 4. ``toy-image``: Isotropic3D stage 1 (the CLIP image embedding replaces the text);
@@ -86,7 +86,8 @@ def _widened_unet(recipe: str, width: int) -> List[str]:
 
 
 def run(argv: List[str]) -> int:
-    from engine import finetune, toy_world
+    from guidance.training import finetune
+    from engine.datasets import toy_world
     from engine.checkpoint import atomic_write_text
     from engine.errors import RunAborted
 
@@ -124,11 +125,11 @@ def run(argv: List[str]) -> int:
         code = finetune.main(items)
         if code != 0:
             raise RunAborted(f"training {name} ({recipe}) exited with {code}; run "
-                             "python -m engine.toy_models again to continue")
+                             "python -m guidance.training.toy_models again to continue")
     # the settings that shape the models (not where they go, nor how fast they are made)
     shaping = [f"{k}={v}" for k, v in args.items()
                if v != DEFAULTS[k] and k not in ("out", "data", "device", "threads")]
-    manifest = {"command": " ".join(["python -m engine.toy_models", *shaping]),
+    manifest = {"command": " ".join(["python -m guidance.training.toy_models", *shaping]),
                 "settings": args, "models": {}}
     for name, model in models.items():
         target = out / name

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from engine.cameras import Cameras
-from representations import volume
+from representations.lib import volume
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""``python -m engine.finetune``: train or fine-tune a multi-view diffusion model (or the CLIP
-model that conditions it) on a multi-view dataset (engine.mvdataset format).
+"""``python -m guidance.training.finetune``: train or fine-tune a multi-view diffusion model (or the CLIP
+model that conditions it) on a multi-view dataset (engine.datasets.mvdataset format).
 
-    python -m engine.finetune recipe=NAME_OR_PATH [key=value ...]
-    python -m engine.finetune resume=RUN_FOLDER_OR_CHECKPOINT [key=value ...]
-    accelerate launch --multi_gpu --num_processes N -m engine.finetune recipe=NAME ...
-    torchrun --nproc_per_node N -m engine.finetune recipe=NAME device=cpu   # CPU processes
+    python -m guidance.training.finetune recipe=NAME_OR_PATH [key=value ...]
+    python -m guidance.training.finetune resume=RUN_FOLDER_OR_CHECKPOINT [key=value ...]
+    accelerate launch --multi_gpu --num_processes N -m guidance.training.finetune recipe=NAME ...
+    torchrun --nproc_per_node N -m guidance.training.finetune recipe=NAME device=cpu   # CPU processes
 
 A name resolves to recipes/finetune/NAME.yaml. Modes (``mode:``):
 
@@ -72,9 +72,9 @@ LOSS_WEIGHTINGS = ("uniform", "min-snr")
 NUM_TRAIN_TIMESTEPS = 1000
 
 USAGE = """\
-usage: python -m engine.finetune recipe=NAME_OR_PATH [key=value ...]
-       python -m engine.finetune resume=RUN_FOLDER_OR_CHECKPOINT [key=value ...]
-       accelerate launch -m engine.finetune recipe=NAME [key=value ...]
+usage: python -m guidance.training.finetune recipe=NAME_OR_PATH [key=value ...]
+       python -m guidance.training.finetune resume=RUN_FOLDER_OR_CHECKPOINT [key=value ...]
+       accelerate launch -m guidance.training.finetune recipe=NAME [key=value ...]
 
 Modes: text (text-to-multi-view), image (Isotropic3D stage 1), ema (stage 2, explicit
 multi-view attention), clip (contrastive OpenCLIP). NAME is recipes/finetune/NAME.yaml.
@@ -122,14 +122,14 @@ class ConditionerConfig:
 class ModelConfig:
     init: str = "random"                 # random | PATH of a saved model (clip: OpenCLIP folder)
     space: str = "pixel"                 # init random: pixel | latent
-    unet: Dict[str, Any] = field(default_factory=dict)    # guidance.mv_unet.MultiViewUNetConfig
+    unet: Dict[str, Any] = field(default_factory=dict)    # guidance.multiview.unet.MultiViewUNetConfig
     vae: Optional[Dict[str, Any]] = None  # init random, latent: AutoencoderKL kwargs
     conditioner: Optional[ConditionerConfig] = None  # null: the one saved with model.init
     # init random: what the UNet predicts, epsilon (MVDream) | v_prediction (small pixel models
     # learn clean samples sooner); a loaded model keeps its own
     prediction_type: str = "epsilon"
     # init random: the noise schedule it trains on, scaled-linear (MVDream's) |
-    # zero-terminal-snr (guidance.model.NOISE_SCHEDULES; needs v_prediction); a loaded model
+    # zero-terminal-snr (guidance.multiview.model.NOISE_SCHEDULES; needs v_prediction); a loaded model
     # keeps its own
     noise_schedule: str = "scaled-linear"
     clip: Dict[str, Any] = field(default_factory=dict)  # clip, init random: OpenCLIP model_cfg
@@ -144,7 +144,7 @@ class ModelConfig:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type: '{self.prediction_type}' is not epsilon or "
                               "v_prediction")
-        from guidance.model import check_noise_schedule
+        from guidance.multiview.model import check_noise_schedule
 
         check_noise_schedule(self.noise_schedule, self.prediction_type)
 
@@ -433,10 +433,10 @@ def drop_context(context: Tensor, uncond: Tensor, drop: Tensor) -> Tensor:
 
 
 def camera_vectors_from_c2w(c2w: Tensor) -> Tensor:
-    """[N, 4, 4] engine c2w -> [N, 16] MVDream camera vectors (guidance.mv_cameras,
+    """[N, 4, 4] engine c2w -> [N, 16] MVDream camera vectors (guidance.multiview.cameras,
     convention ``mvdream``). Differentiable with respect to ``c2w``."""
     from engine.cameras import Cameras
-    from guidance.mv_cameras import camera_vectors
+    from guidance.multiview.cameras import camera_vectors
 
     zeros = torch.zeros(c2w.shape[0], device=c2w.device, dtype=c2w.dtype)
     return camera_vectors(Cameras(c2w, zeros, zeros, zeros, zeros), "mvdream")
@@ -474,7 +474,7 @@ def make_diffusion_batch(x0: Tensor, context: Tensor, uncond: Tensor, camera: Te
     Returns:
         :class:`DiffusionBatch`. Differentiable with respect to x0, context and camera.
     """
-    from guidance.model import add_noise, v_target
+    from guidance.multiview.model import add_noise, v_target
 
     B, V = x0.shape[:2]
     dev = x0.device
@@ -604,8 +604,8 @@ def build_diffusion_model(cfg: FinetuneConfig):
     VAE and conditioner frozen). The conditioner: ``model.conditioner`` when given, else the
     one saved with ``model.init`` when it is of the mode's kind."""
     from engine.config import validate
-    from guidance.model import MultiViewDiffusionModel, read_index
-    from guidance.mv_unet import MultiViewUNetConfig
+    from guidance.multiview.model import MultiViewDiffusionModel, read_index
+    from guidance.multiview.unet import MultiViewUNetConfig
 
     m = cfg.model
     need = "text" if cfg.mode == "text" else "image"
@@ -741,7 +741,7 @@ class Finetune:
             if cfg.data.image_size not in (None, image_size):
                 raise ConfigError(f"data.image_size: {cfg.data.image_size} but the model takes "
                                   f"{image_size}; leave it null")
-        from engine.mvdataset import MultiViewDataset
+        from engine.datasets.mvdataset import MultiViewDataset
 
         with acc.main_process_first():
             self.dataset = MultiViewDataset(cfg.data.root, split=cfg.data.split,
@@ -762,7 +762,7 @@ class Finetune:
             self._restore(resume)
         self.sampler = StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed,
                                         self.start_step, cfg.steps, acc.num_processes)
-        from engine.mvdataset import collate
+        from engine.datasets.mvdataset import collate
 
         loader = torch.utils.data.DataLoader(SeededDataset(self.dataset),
                                              batch_sampler=self.sampler, collate_fn=collate,
@@ -857,7 +857,7 @@ class Finetune:
         """The loss of one batch (a collated dict from the loader, on any device) and logs."""
         if self.mode == "clip":
             return self._clip_loss(batch, generator)
-        from guidance.mv_unet import unet_forward
+        from guidance.multiview.unet import unet_forward
 
         images = batch["images"].to(self.device)                 # [B, V, 3, S, S]
         B, V = images.shape[:2]
@@ -894,7 +894,7 @@ class Finetune:
         if self.cfg.foreground_weight > 0:
             if "masks" not in batch:
                 raise UserError("foreground_weight needs the views' masks (alpha); this "
-                                "batch has none: load the data with engine.mvdataset")
+                                "batch has none: load the data with engine.datasets.mvdataset")
             pixel_weights = foreground_pixel_weights(
                 batch["masks"].to(self.device).flatten(0, 1), tuple(x0.shape[-2:]),
                 self.cfg.foreground_weight)
@@ -1048,7 +1048,7 @@ class Finetune:
 
     @torch.no_grad()
     def _sample_rows(self) -> List[Tensor]:
-        from guidance.sample import sample_views
+        from guidance.multiview.sample import sample_views
 
         rows = []
         gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, 53))
@@ -1136,7 +1136,7 @@ def run(argv: Sequence[str]) -> int:
     try:
         folder = job.run()
     except Interrupted as exc:
-        print(f"{exc}\ncontinue with: python -m engine.finetune resume={out}", file=sys.stderr)
+        print(f"{exc}\ncontinue with: python -m guidance.training.finetune resume={out}", file=sys.stderr)
         return exc.exit_code
     if job.accelerator.is_main_process:
         print(f"model: {folder}\noutput: {out}")

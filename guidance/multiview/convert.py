@@ -1,6 +1,6 @@
 """Convert a released MVDream ``.pt`` / Isotropic3D ``.ckpt`` into a converted model folder.
 
-    python -m guidance.convert SRC OUT [--unet sd21-base|CONFIG.json]
+    python -m guidance.multiview.convert SRC OUT [--unet sd21-base|CONFIG.json]
         [--convention auto|mvdream|isotropic3d-release] [--clip ViT-H-14|CONFIG.json]
         [--dtype keep|fp32|fp16|bf16] [--allow-missing]
 
@@ -38,7 +38,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from engine.errors import UserError
-from guidance.mv_unet import MultiViewUNetConfig
+from guidance.multiview.unet import MultiViewUNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -206,7 +206,7 @@ def infer_vae_config(vae_sd: Dict[str, Tensor]) -> dict:
         out_ch = int(vae_sd["decoder.conv_out.weight"].shape[0])
     except (KeyError, IndexError, ValueError) as exc:
         raise UserError(f"the VAE tensors are not an LDM AutoencoderKL (no {exc})") from None
-    from guidance.model import LATENT_SCALE
+    from guidance.multiview.model import LATENT_SCALE
 
     return dict(in_channels=int(in_ch), out_channels=out_ch, latent_channels=z,
                 down_block_types=["DownEncoderBlock2D"] * len(levels),
@@ -333,8 +333,8 @@ def convert_state_dict(sd: Dict[str, Tensor], unet=None, clip=None,
     The model has real tensors only when the report has no missing keys or allow_missing.
     """
     from guidance.conditioners import conditioner_for, load_into_clip
-    from guidance.model import ModelInfo, MultiViewDiffusionModel
-    from guidance.mv_unet import build_unet
+    from guidance.multiview.model import ModelInfo, MultiViewDiffusionModel
+    from guidance.multiview.unet import build_unet
 
     unet_cfg = _unet_config(unet)
     report = ConversionReport(total=len(sd))
@@ -373,7 +373,7 @@ def convert_state_dict(sd: Dict[str, Tensor], unet=None, clip=None,
         if allow_missing:
             from diffusers import AutoencoderKL
 
-            from guidance.model import SD_VAE_CONFIG
+            from guidance.multiview.model import SD_VAE_CONFIG
 
             vae_mod = AutoencoderKL(**dict(SD_VAE_CONFIG, latent_channels=unet_cfg.in_channels))
     report.space = "latent" if vae_mod is not None else "pixel"
@@ -432,7 +432,7 @@ def convert_file(src, out, unet="sd21-base", clip=None, convention: Optional[str
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guidance.convert",
+    parser = argparse.ArgumentParser(prog="python -m guidance.multiview.convert",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="MVDream .pt / Isotropic3D .ckpt (LDM naming)")
     parser.add_argument("out", help="output folder")

@@ -1,6 +1,6 @@
 """The toy world: procedural coloured objects rendered into a multi-view dataset.
 
-    python -m engine.toy_world out=DIR [count=200] [heldout=20] [heldout_pool=0] [seed=0]
+    python -m engine.datasets.toy_world out=DIR [count=200] [heldout=20] [heldout_pool=0] [seed=0]
         [size=64] [groups=2] [references=2]
 
 Each object is a primitive or a small composition of primitives (a table, a mushroom, a
@@ -9,7 +9,7 @@ centred on its bounding box at the origin, scaled so its farthest point is 0.8 f
 with a front facing +x (azimuth 0): asymmetric parts (a chair's back at -x, a snowman's nose,
 a lamp's arm, an L-shape's arm point at +x), so the yaw of a reconstruction matters.
 
-Rendered with representations.mesh_render.render_mesh into RGBA views (alpha = coverage):
+Rendered with representations.lib.mesh_render.render_mesh into RGBA views (alpha = coverage):
 ``groups`` MVDream-style groups (4 views 90 degrees apart in azimuth from a random offset,
 elevation uniform in [0, 30]), the canonical front view (azimuth 0, elevation 0; always the
 first reference, r0.png) and ``references`` free reference views (random azimuth, elevation
@@ -458,7 +458,7 @@ def shaded_colours(vertices: torch.Tensor, faces: torch.Tensor,
                    albedo: torch.Tensor) -> torch.Tensor:
     """Vertex colours [V, 3] = albedo * (AMBIENT + (1 - AMBIENT) max(0, n . LIGHT)), with the
     renderer's area-weighted vertex normals. Not differentiated (data generation)."""
-    from representations.mesh_render import vertex_normals
+    from representations.lib.mesh_render import vertex_normals
 
     n = vertex_normals(vertices, faces)
     light = torch.as_tensor(LIGHT, dtype=vertices.dtype)
@@ -476,7 +476,7 @@ def render_object(mesh: trimesh.Trimesh, cameras, size: int) -> np.ndarray:
         rasteriser's antialiased coverage.
     """
     from representations.backgrounds import SolidBackground
-    from representations.mesh_render import render_mesh
+    from representations.lib.mesh_render import render_mesh
 
     m = mesh.metadata.get("render_parts", mesh)
     v = torch.as_tensor(np.asarray(m.vertices), dtype=torch.float32)
@@ -561,7 +561,7 @@ def generate(out, count: int = 200, heldout: int = 20, seed: int = 0, size: int 
 
 def _generate(out: Path, count, heldout, seed, size, groups, references, log,
               heldout_pool) -> dict:
-    from engine.mvdataset import write_index, write_object
+    from engine.datasets.mvdataset import write_index, write_object
 
     kinds = np.random.default_rng([int(seed), 7]).permutation(len(KINDS))
     ids, t0 = [], time.perf_counter()

@@ -8,7 +8,7 @@ Every recipe runs in-process (engine.run.main) on the canonical front view (r0.p
 first N held-out objects of a fixed toy-world dataset (engine/toy_world.py; generated into
 DIR/data unless data= names one). Each row is scored by
 
-* mesh metrics of the exported mesh against the object's mesh.obj (engine.metrics), and
+* mesh metrics of the exported mesh against the object's mesh.obj (engine.evaluate.metrics), and
 * PSNR / SSIM of the object's group views (never the input) rendered from the final
   representation, against the dataset images composited on white, at the dataset's size.
 
@@ -36,12 +36,12 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from engine.toy_models import DATA_SIZE, DEFAULTS as TOY_MODELS_DEFAULTS
+from guidance.training.toy_models import DATA_SIZE, DEFAULTS as TOY_MODELS_DEFAULTS
 
 INITIAL = "initial"
 BENCH_KEYS = ("bench", "recipe", "out", "objects", "seed", "data", "initial_from", "samples")
 # the held-out split of the dataset the shipped toy models were trained on (python -m
-# engine.toy_models defaults), unseen by them. Object i is the same whatever the count, and
+# guidance.training.toy_models defaults), unseen by them. Object i is the same whatever the count, and
 # the held-out objects are drawn among the first heldout_pool (0: all), so a world of
 # heldout_pool objects has the same held-out split for less making; a world of another size
 # without the pool would draw other objects and leak training ones.
@@ -105,7 +105,7 @@ def parse_args(argv: Sequence[str]) -> dict:
 def bench_objects(data: Path, count: int, seed: int, generate_missing: bool) -> List[Path]:
     """The first ``count`` held-out objects of the toy dataset at ``data`` (made if absent)."""
     from engine.errors import InputError
-    from engine.toy_world import generate
+    from engine.datasets.toy_world import generate
 
     index = data / "dataset.json"
     if not index.is_file():
@@ -202,7 +202,7 @@ def score_row(rep, mesh: Path, obj: Path, views_dir: Path, samples: int = 10000
     """Mesh metrics + mean PSNR/SSIM over the object's group views; saves the renders."""
     from PIL import Image
 
-    from engine.metrics import compare_files, psnr, ssim
+    from engine.evaluate.metrics import compare_files, psnr, ssim
     from guidance.dataset_views import load_object_views
 
     views = load_object_views(obj)
@@ -256,9 +256,9 @@ def shape_checks(rows: List[dict], objects: Dict[str, Path], recipes: Sequence[s
 
     * ``shape_swap``: the fraction of pairs of objects of different kinds whose meshes are
       nearer their own truths than swapped, ``C[i,i] + C[j,j] < C[i,j] + C[j,i]``
-      (engine.view_scores.swap_test_accuracy on -C; chance 0.5);
+      (engine.evaluate.view_scores.swap_test_accuracy on -C; chance 0.5);
     * ``right_kind``: of how many meshes the truth they are *unusually* near (each truth's
-      distances centred on their mean first; engine.view_scores.right_kind_share on -C) is
+      distances centred on their mean first; engine.evaluate.view_scores.right_kind_share on -C) is
       of their own kind (ties shared), with ``right_kind_chance``, what one blob for every
       object would score (each object's kind's share of the rows), and ``kind_rows``.
 
@@ -266,8 +266,8 @@ def shape_checks(rows: List[dict], objects: Dict[str, Path], recipes: Sequence[s
     None where the recipe has fewer than two finished rows of different kinds."""
     import numpy as np
 
-    from engine.metrics import compare_meshes, load_mesh
-    from engine.view_scores import right_kind_share, swap_test_accuracy, unusual_matches
+    from engine.evaluate.metrics import compare_meshes, load_mesh
+    from engine.evaluate.view_scores import right_kind_share, swap_test_accuracy, unusual_matches
 
     def kind(obj: Path) -> str:
         try:

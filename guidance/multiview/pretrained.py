@@ -32,7 +32,7 @@ import torch
 from engine.config import PROJECT_ROOT
 from engine.errors import UserError
 
-DEFAULT_KEY = "stages.<stage>.guidance.model"
+DEFAULT_KEY = "stages.<stage>.guidance.multiview.model"
 CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".pth", ".safetensors", ".bin")
 
 #: hub id -> (checkpoint file, camera convention of its released code)
@@ -121,7 +121,7 @@ def cache_folder_for(src: Path) -> Path:
 
 
 def _cache_is_fresh(folder: Path, src: Path) -> bool:
-    from guidance.model import read_index
+    from guidance.multiview.model import read_index
 
     try:
         index = read_index(folder)
@@ -133,7 +133,7 @@ def _cache_is_fresh(folder: Path, src: Path) -> bool:
 
 def convert_cached(src: Path, unet="sd21-base", clip=None, echo: bool = True) -> Path:
     """Convert ``src`` once into its cache folder (atomic rename); returns the folder."""
-    from guidance.convert import convert_file
+    from guidance.multiview.convert import convert_file
 
     src = Path(src)
     folder = cache_folder_for(src)
@@ -203,7 +203,7 @@ def _probe_hub(name: str, key: str) -> Tuple[Path, str, Optional[str]]:
 
 def check_available(name_or_path: str, key: str = DEFAULT_KEY) -> None:
     """Raise the one-line UserError that loading would raise, without loading weights."""
-    from guidance.model import read_index
+    from guidance.multiview.model import read_index
 
     local, kind, _ = _resolve(name_or_path, key, fetch=False)
     if kind == "folder":
@@ -225,7 +225,7 @@ def load_multiview_model(name_or_path: str, device=None, dtype: Optional[torch.d
     ``convention`` overrides the camera convention stored in the model (default: the
     folder's; for a known hub checkpoint, that of its released code).
     """
-    from guidance.model import MultiViewDiffusionModel
+    from guidance.multiview.model import MultiViewDiffusionModel
 
     local, kind, hint = _resolve(name_or_path, key, fetch=True)
     folder = convert_cached(local) if kind == "checkpoint" else local

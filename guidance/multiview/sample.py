@@ -1,9 +1,9 @@
-"""``python -m guidance.sample``: the views the multi-view model believes in (DDIM + CFG).
+"""``python -m guidance.multiview.sample``: the views the multi-view model believes in (DDIM + CFG).
 
-    python -m guidance.sample image=cat.png out=cat-views.png [model=PATH] [steps=50]
+    python -m guidance.multiview.sample image=cat.png out=cat-views.png [model=PATH] [steps=50]
         [scale=10] [elevation=15] [azimuth=0] [views=4] [seed=0] [eta=0] [device=auto]
         [image_size=256] [object_fraction=0.85] [candidates=1]
-    python -m guidance.sample prompt="a red chair" out=chair.png model=PATH   # text models
+    python -m guidance.multiview.sample prompt="a red chair" out=chair.png model=PATH   # text models
 
 The quick 2D preview before a long 3D run: if these views are wrong, the 3D result will be.
 Angles use the engine's convention (azimuth 0 on +x); views are 360/views degrees apart.
@@ -80,7 +80,7 @@ def ddim_scheduler(model, clip_sample: bool):
     schedule whose "trailing" steps start at t = 999, where x_T is pure noise."""
     from diffusers import DDIMScheduler
 
-    from guidance.model import SCHEDULER_KWARGS
+    from guidance.multiview.model import SCHEDULER_KWARGS
 
     cfg = dict(SCHEDULER_KWARGS, **model.scheduler_config)
     spacing = cfg.get("timestep_spacing", "leading")
@@ -135,9 +135,9 @@ def run(argv: List[str]) -> int:
     from engine.outputs import to_uint8
     from engine.plugin import RunInputs
     from engine.run import _resolve_device
-    from guidance.mv_cameras import camera_vectors
+    from guidance.multiview.cameras import camera_vectors
     from guidance.multiview_sds import MultiViewSDS
-    from guidance.pretrained import load_multiview_model
+    from guidance.multiview.pretrained import load_multiview_model
 
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

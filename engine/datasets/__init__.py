@@ -1,0 +1,1 @@
+"""Multi-view datasets: the on-disk format (mvdataset) and the procedural toy world that writes it."""

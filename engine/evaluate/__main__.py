@@ -1,0 +1,3 @@
+from engine.evaluate.command import main
+
+main()

@@ -1,0 +1,1 @@
+"""The multi-view diffusion model family (library): UNet, cameras, noise maths, model, pretrained lookup, conversion, sampling."""

@@ -1,0 +1,1 @@
+"""Training multi-view diffusion models and the toy CLIP (a tool: fine-tuning, the toy-model chain)."""

@@ -1,0 +1,1 @@
+"""Pure geometry and rendering libraries under the representation plugins (nothing here is registered)."""
