@@ -3,15 +3,14 @@ SDF of radius 0.6, forward and forward + backward (a loss on the output vertices
 gradients to the SDF and the grid vertices), on all tets ("generic") and on the tets of the
 cells the surface crosses, found with ``tets.cut_cell_tets`` as DMTet does ("grid").
 
-    python benchmarks/bench_marching_tets.py [--resolution 64] [--repeats 20] [--device cpu]
-                                             [--backend torch] [--threads N]
+    python benchmarks/bench_marching_tets.py [resolution=64] [repeats=20] [device=cpu]
+                                             [backend=torch] [threads=N]
 
 Target on a 2-core CPU: forward <= 150 ms.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.cli import Command, Key  # noqa: E402
 from representations.lib.marching_tets import marching_tets  # noqa: E402
 from representations.lib.tets import cut_cell_tets, tet_grid  # noqa: E402
 
@@ -42,14 +42,17 @@ def _median_ms(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", default="torch", help="torch | kaolin | auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    args = parser.parse_args()
+COMMAND = Command("python benchmarks/bench_marching_tets.py", __doc__, [
+    Key("resolution", int, 64, help="tet grid resolution"),
+    Key("repeats", int, 20, help="timed calls per median"),
+    Key("device", str, "cpu"),
+    Key("backend", str, "torch", choices=("torch", "kaolin", "auto")),
+    Key("threads", int, 0, help="torch threads (0: default)"),
+])
+
+
+def main(argv=None) -> int:
+    args = COMMAND.parse(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -83,7 +86,10 @@ def main() -> None:
         fwd = _median_ms(lambda: forward(grid), args.repeats, args.device)
         both = _median_ms(lambda: forward_backward(grid), args.repeats, args.device)
         print(f"{name}  forward: {fwd:8.1f} ms   forward + backward: {both:8.1f} ms  (medians)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from engine.errors import run_cli
+
+    sys.exit(run_cli(main, sys.argv[1:]))

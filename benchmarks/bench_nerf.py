@@ -11,18 +11,18 @@ Variants:
     compiled+occ+normals   as above, with analytic normals and the orientation regulariser
                            (what the published recipe computes every step)
 
-Prints the median over ``--repeats`` timed steps (after warm-up steps; compiling happens in
+Prints the median over ``repeats`` timed steps (after warm-up steps; compiling happens in
 the warm-up and its time is printed separately). The compiled kernels run single-threaded
-(``HashGridConfig.compile_threads = 1``) whatever ``--threads`` says; ``--threads`` sets
+(``HashGridConfig.compile_threads = 1``) whatever ``threads`` says; ``threads`` sets
 torch's intra-op threads for everything else.
 
     python benchmarks/bench_nerf.py                      # everything, 32x32 and 64x64
-    python benchmarks/bench_nerf.py --sizes 32 --variants eager+occ compiled+occ
+    python benchmarks/bench_nerf.py sizes=[32] variants=[eager+occ,compiled+occ]
+        [repeats=5] [naive_repeats=1] [threads=N]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -33,6 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.cameras import orbit  # noqa: E402
+from engine.cli import Command, Key  # noqa: E402
+from engine.errors import ConfigError  # noqa: E402
 from representations.backgrounds import SolidBackground  # noqa: E402
 from representations.lib.encodings import HashGridConfig  # noqa: E402
 from representations.nerf import NeRF, NeRFConfig, OccupancyConfig  # noqa: E402
@@ -83,14 +85,21 @@ def bench(variant: str, size: int, repeats: int, warmup: int) -> None:
           f"{n_rays * rep.cfg.samples_per_ray} samples){occ}", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--naive-repeats", type=int, default=1, help="the naive loop is slow")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    args = ap.parse_args()
+COMMAND = Command("python benchmarks/bench_nerf.py", __doc__, [
+    Key("sizes", list, [32, 64], help="render sizes, e.g. [32, 64]"),
+    Key("variants", list, list(VARIANTS), choices=VARIANTS),
+    Key("repeats", int, 5),
+    Key("naive_repeats", int, 1, help="the naive loop is slow"),
+    Key("threads", int, None, help="torch.set_num_threads"),
+])
+
+
+def main(argv=None) -> int:
+    args = COMMAND.parse(sys.argv[1:] if argv is None else argv)
+    for size in args.sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"sizes: expected positive integers such as [32, 64], got "
+                              f"'{size}'")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -99,7 +108,10 @@ def main() -> None:
             naive = v == "naive"
             bench(v, size, args.naive_repeats if naive else args.repeats,
                   warmup=0 if naive else (2 if "compiled" in v else 1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from engine.errors import run_cli
+
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -1,14 +1,14 @@
 """Benchmark of the mesh renderer: median (and best) milliseconds of ``render_mesh`` forward
 and forward + backward at 256x256 with an icosphere of 20480 faces, for 1 and 4 views.
 
-    python benchmarks/bench_rasterizer.py [--threads N] [--device cpu|cuda] [--backend torch]
+    python benchmarks/bench_rasterizer.py [threads=N] [device=cpu|cuda]
+        [backend=auto|torch|nvdiffrast] [size=256] [subdivisions=5] [repeats=15]
 
 The loss touches rgb, opacity, depth and normal, so every differentiable path runs backward.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import trimesh  # noqa: E402
 
 from engine.cameras import Cameras  # noqa: E402
+from engine.cli import Command, Key  # noqa: E402
 from representations.backgrounds import SolidBackground  # noqa: E402
 from representations.lib.mesh_render import render_mesh  # noqa: E402
 
@@ -48,15 +49,18 @@ def bench(vertices, faces, colors, cameras, size, backend, device, backward, rep
     return statistics.median(times), min(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--subdivisions", type=int, default=5, help="icosphere level (5: 20480 faces)")
-    ap.add_argument("--repeats", type=int, default=15)
-    args = ap.parse_args()
+COMMAND = Command("python benchmarks/bench_rasterizer.py", __doc__, [
+    Key("threads", int, 0, help="torch threads (0: torch default)"),
+    Key("device", str, "cpu"),
+    Key("backend", str, "auto", choices=("auto", "torch", "nvdiffrast")),
+    Key("size", int, 256),
+    Key("subdivisions", int, 5, help="icosphere level (5: 20480 faces)"),
+    Key("repeats", int, 15),
+])
+
+
+def main(argv=None) -> int:
+    args = COMMAND.parse(sys.argv[1:] if argv is None else argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     mesh = trimesh.creation.icosphere(subdivisions=args.subdivisions)
@@ -73,7 +77,10 @@ def main() -> None:
                               args.device, backward, args.repeats)
             what = "forward+backward" if backward else "forward"
             print(f"views={views} {what:17s} median {med:8.1f} ms   best {best:8.1f} ms")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from engine.errors import run_cli
+
+    sys.exit(run_cli(main, sys.argv[1:]))

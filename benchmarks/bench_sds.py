@@ -1,7 +1,7 @@
 """One multiview-sds step with the SD 2.1-base-size UNet (random weights): time and memory.
 
-    python benchmarks/bench_sds.py [--device cpu|cuda] [--precision fp32|fp16|bf16]
-                                   [--repeats 3] [--threads N]
+    python benchmarks/bench_sds.py [device=cpu|cuda] [precision=fp32|fp16|bf16]
+                                   [repeats=3] [threads=N]
 
 4 views x 32x32 latents (256x256 renders), classifier-free guidance (a batch of 8 through the
 UNet), reconstruction loss, backward through the VAE encoder to the renders. Prints the median
@@ -10,9 +10,9 @@ step time and the peak memory (CUDA: max allocated; CPU: peak resident set size)
 
 from __future__ import annotations
 
-import argparse
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -20,17 +20,20 @@ import torch
 from engine.cameras import Cameras
 from engine.plugin import StepInfo
 from guidance.multiview.model import MultiViewDiffusionModel
-from guidance.multiview_sds import PRECISIONS, MultiViewSDS
+from guidance.multiview.prior import PRECISIONS, MultiViewPrior
 from guidance.multiview.unet import MultiViewUNetConfig
+from guidance.multiview_sds import MultiViewSDS
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0)
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    from engine.cli import Command, Key
+
+    args = Command("python benchmarks/bench_sds.py", __doc__, [
+        Key("device", str, "cuda" if torch.cuda.is_available() else "cpu"),
+        Key("precision", str, "fp32", choices=list(PRECISIONS)),
+        Key("repeats", int, 3),
+        Key("threads", int, 0),
+    ]).parse(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), PRECISIONS[args.precision]
@@ -45,8 +48,8 @@ def main() -> None:
     guidance = MultiViewSDS.__new__(MultiViewSDS)
     torch.nn.Module.__init__(guidance)
     guidance.cfg = MultiViewSDS.Config(model="random", precision=args.precision)
-    guidance.multiview.model, guidance.dtype = model, dtype
-    guidance.conditioning, guidance.convention = "image", "mvdream"
+    guidance.prior = MultiViewPrior(model, camera_convention="mvdream", conditioning="image",
+                                    dtype=dtype)
     guidance.register_buffer("context_cond", torch.randn(1, 1, 1024, device=device, dtype=dtype))
     guidance.register_buffer("context_uncond", torch.zeros(1, 1, 1024, device=device, dtype=dtype))
     cams = Cameras.from_spherical(15.0, [0.0, 90.0, 180.0, 270.0], 2.5, 40.0,
@@ -71,7 +74,10 @@ def main() -> None:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak RSS)"
     print(f"device={device} precision={args.precision} threads={torch.get_num_threads()}: "
           f"SDS step median {statistics.median(times):.2f} s over {len(times)}, peak {peak}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from engine.errors import run_cli
+
+    sys.exit(run_cli(main, sys.argv[1:]))

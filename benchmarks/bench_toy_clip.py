@@ -1,11 +1,11 @@
 """Does the toy CLIP know what kind of object a picture shows? Scored on toy objects.
 
-    python benchmarks/bench_toy_clip.py [--clip models/toy/clip] [--data data/toy]
-        [--split heldout] [--limit 0] [--reference-split train]
+    python benchmarks/bench_toy_clip.py [clip=models/toy/clip] [data=data/toy]
+        [split=heldout] [limit=0] [reference_split=train]
 
 Isotropic3D's models get every bit of what they know about the input at inference from one
 CLIP image embedding, so a CLIP that cannot tell a mug from a vase caps every model after it.
-For each object of --split, its front view (r0.png, composited on white, as the conditioner
+For each object of split=, its front view (r0.png, composited on white, as the conditioner
 sees it) is embedded and scored three ways:
 
 * kind, zero-shot: the caption with its own colours and each kind of the dataset in turn
@@ -13,21 +13,21 @@ sees it) is embedded and scored three ways:
   number of kinds);
 * colour, zero-shot: its caption with the first colour swapped for each colour of the
   palette;
-* kind, nearest neighbour: the kind of the --reference-split object whose front embedding is
+* kind, nearest neighbour: the kind of the reference_split= object whose front embedding is
   nearest (cosine; the object itself left out) - what an image-conditioned model can lean on.
   Also printed for two other features of the same pictures: the conditioner's patch tokens
   (``tokens: patches``, flattened) and the raw pixels (minus mid-grey), the floor any
   learnt feature should beat.
 
-Scoring the training split too (--split train) shows the generalisation gap. Prints the
+Scoring the training split too (split=train) shows the generalisation gap. Prints the
 per-kind counts and the totals; the data folder is a toy-world dataset (python -m
 engine.datasets.toy_world).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -61,14 +61,17 @@ def front_on_white(path: Path) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--clip", default="models/toy/clip")
-    ap.add_argument("--data", default="data/toy")
-    ap.add_argument("--split", default="heldout")
-    ap.add_argument("--limit", type=int, default=0, help="first N objects of --split (0: all)")
-    ap.add_argument("--reference-split", default="train")
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    from engine.cli import Command, Key
+    from engine.errors import ConfigError, InputError
+
+    args = Command("python benchmarks/bench_toy_clip.py", __doc__, [
+        Key("clip", str, "models/toy/clip", help="the toy CLIP folder"),
+        Key("data", str, "data/toy", help="a toy-world dataset"),
+        Key("split", str, "heldout"),
+        Key("limit", int, 0, help="first N objects of split (0: all)"),
+        Key("reference_split", str, "train"),
+    ]).parse(sys.argv[1:] if argv is None else argv)
 
     import open_clip
 
@@ -77,12 +80,12 @@ def main() -> None:
 
     data = Path(args.data)
     if not (data / "dataset.json").is_file():
-        raise SystemExit(f"error: no toy dataset in {data}; make it with python -m "
-                         f"engine.datasets.toy_world out={data} or pass --data")
+        raise InputError(f"no toy dataset in {data}; make it with python -m "
+                         f"engine.datasets.toy_world out={data} or pass data=")
     splits = json.loads((data / "dataset.json").read_text()).get("splits", {})
     for split in (args.split, args.reference_split):
         if split not in splits:
-            raise SystemExit(f"error: {data} has no split '{split}'; it has {', '.join(splits)}")
+            raise ConfigError(f"{data} has no split '{split}'; it has {', '.join(splits)}")
     ids = splits[args.split][:args.limit or None]
     refs = splits[args.reference_split]
     meta = {oid: json.loads((data / oid / "object.json").read_text())
@@ -157,7 +160,10 @@ def main() -> None:
     print(f"kind of the nearest {args.reference_split} front: {sum(nn_ok.values())}/{n}")
     for name, hits in nn_other.items():
         print(f"  the same by {name}: {sum(hits)}/{n}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from engine.errors import run_cli
+
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -1,9 +1,9 @@
 """Do the toy model's sampled views show the right object? Scored on held-out toy objects.
 
-    python benchmarks/bench_toy_views.py [--model models/toy/stage2] [--data data/toy]
-        [--split heldout] [--limit 20] [--steps 30] [--scale 2] [--seed 0] [--seeds 2]
-        [--object-fraction 0.7] [--condition image|caption] [--candidates 1]
-        [--out outputs/bench-views]
+    python benchmarks/bench_toy_views.py [model=models/toy/stage2] [data=data/toy]
+        [split=heldout] [limit=20] [steps=30] [scale=2] [seed=0] [seeds=2]
+        [object_fraction=0.7] [condition=image|caption] [candidates=1]
+        [out=outputs/bench-views]
 
 For every object of the split: its canonical front view (r0.png) goes through
 ``python -m guidance.multiview.sample`` (4 views, elevation 15, azimuths 0/90/180/270), once per seed
@@ -16,10 +16,10 @@ truth, the hue error; then the summary: mean own IoU, the swap-test accuracy ove
 different kinds (chance 0.5; blind to size), how many objects are identified (own truth the
 best match; biased to big compact truths), the right kind (the best match's kind; also on
 scores centred per truth, engine.evaluate.view_scores.right_kind_share, which discounts the truth every
-blob overlaps, with its chance), and the hue. The grids and scores.json go to --out.
-``--condition caption`` gives a text model (models/toy/text) the object's caption instead of
+blob overlaps, with its chance), and the hue. The grids and scores.json go to out=.
+``condition=caption`` gives a text model (models/toy/text) the object's caption instead of
 its picture: whether the multi-view model can draw a kind when it is told the kind in words,
-which tells a weak UNet from a weak image conditioning. ``--candidates K`` samples K seeds per
+which tells a weak UNet from a weak image conditioning. ``candidates=K`` samples K seeds per
 object and seed and keeps the group whose first view is most like the picture (guidance.multiview.sample
 candidates=K; the seeds of the runs are then K apart), as recipe isotropic3d-toy-views does.
 The data folder is the models' own dataset (``python -m engine.datasets.toy_world out=data/toy``).
@@ -27,29 +27,32 @@ The data folder is the models' own dataset (``python -m engine.datasets.toy_worl
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="models/toy/stage2")
-    ap.add_argument("--data", default="data/toy")
-    ap.add_argument("--split", default="heldout")
-    ap.add_argument("--limit", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--scale", type=float, default=2.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--object-fraction", type=float, default=0.7)
-    ap.add_argument("--condition", choices=("image", "caption"), default="image")
-    ap.add_argument("--candidates", type=int, default=1)
-    ap.add_argument("--out", default="outputs/bench-views")
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    from engine.cli import Command, Key
+    from engine.errors import ConfigError, InputError
+
+    args = Command("python benchmarks/bench_toy_views.py", __doc__, [
+        Key("model", str, "models/toy/stage2", help="the multi-view model folder"),
+        Key("data", str, "data/toy", help="a toy-world dataset"),
+        Key("split", str, "heldout"),
+        Key("limit", int, 20, help="first N objects of the split"),
+        Key("steps", int, 30),
+        Key("scale", float, 2.0, help="guidance scale"),
+        Key("seed", int, 0),
+        Key("seeds", int, 2),
+        Key("object_fraction", float, 0.7),
+        Key("condition", str, "image", choices=("image", "caption")),
+        Key("candidates", int, 1),
+        Key("out", str, "outputs/bench-views"),
+    ]).parse(sys.argv[1:] if argv is None else argv)
 
     import trimesh
 
@@ -58,13 +61,13 @@ def main() -> None:
 
     data, out = Path(args.data), Path(args.out)
     if not (data / "dataset.json").is_file():
-        raise SystemExit(f"error: no toy dataset in {data}; make it with python -m "
-                         f"engine.datasets.toy_world out={data} (the models' own: count=200 heldout=20 "
-                         "seed=0) or pass --data")
+        raise InputError(f"no toy dataset in {data}; make it with python -m "
+                         f"engine.datasets.toy_world out={data} (the models' own: count=200 "
+                         "heldout=20 seed=0) or pass data=")
     index = json.loads((data / "dataset.json").read_text())
     if args.split not in index.get("splits", {}):
-        raise SystemExit(f"error: {data} has no split '{args.split}'; it has "
-                         f"{', '.join(index.get('splits', {}))}")
+        raise ConfigError(f"split: {data} has no split '{args.split}'; it has "
+                          f"{', '.join(index.get('splits', {}))}")
     ids = index["splits"][args.split][:args.limit]
     samples, truths, kinds = {}, {}, {}      # samples: {seed: {object: views}}
     t0 = time.perf_counter()
@@ -73,7 +76,7 @@ def main() -> None:
         record = json.loads((data / oid / "object.json").read_text())
         kinds[oid] = record.get("kind", "?")
         if args.condition == "caption" and not record.get("caption"):
-            raise SystemExit(f"error: {oid} has no caption; --condition caption needs one")
+            raise InputError(f"{oid} has no caption; condition=caption needs one")
         condition = (f"prompt={record['caption']}" if args.condition == "caption"
                      else f"image={data / oid / 'r0.png'}")
         for seed in range(args.seed, args.seed + args.seeds):
@@ -131,7 +134,10 @@ def main() -> None:
     (out / "scores.json").write_text(json.dumps({"summary": summary, "objects": rows,
                                                  "iou_matrix": m.round(4).tolist(),
                                                  "ids": ids}, indent=1) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from engine.errors import run_cli
+
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -122,6 +122,15 @@ def list_checkpoints(folder: Path) -> List[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if NAME_RE.match(p.name))
+
+
+def prune(folder: Path, keep: int, keep_also: Callable[[Path], bool] = lambda path: False
+          ) -> None:
+    """Delete all but the newest ``keep`` (>= 1) checkpoints of ``folder``, not counting
+    those ``keep_also`` keeps anyway (the engine's stage ends)."""
+    periodic = [p for p in list_checkpoints(folder) if not keep_also(p)]
+    for p in periodic[:-keep]:
+        p.unlink(missing_ok=True)
 
 
 def find_resume_checkpoint(path: Path) -> Tuple[Path, Path]:

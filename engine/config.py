@@ -25,9 +25,12 @@ from engine.errors import ConfigError, did_you_mean
 from engine.export import ExportConfig
 from engine.schedules import Schedule, parse_all
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIGS_DIR = PROJECT_ROOT / "configs"
-RECIPES_DIR = PROJECT_ROOT / "recipes"
+from engine.resources import CHECKOUT_ROOT, resource_dir
+
+#: the source checkout's root (labels of in-tree recipe files; not used to find anything)
+PROJECT_ROOT = CHECKOUT_ROOT
+CONFIGS_DIR = resource_dir("configs")
+RECIPES_DIR = resource_dir("recipes")
 
 ALIASES: Dict[str, str] = {
     "image": "inputs.image",

@@ -63,7 +63,9 @@ def _print_list(out=None) -> None:
             print(f"  {e.name:<24} {_short(e.description)}  [{e.origin}]", file=out)
 
 
-def _resolve_device(name: str):
+def resolve_device(name: str):
+    """``system.device`` (auto | cpu | cuda | cuda:N) as a torch.device; ConfigError when it
+    names CUDA and none is visible."""
     import torch
 
     from engine.errors import ConfigError
@@ -73,42 +75,54 @@ def _resolve_device(name: str):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or "
                           "device=auto")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name} is not a device; use auto, cpu, cuda or "
+                          "cuda:N") from None
+
+
+def command():
+    """engine.run's items: recipe=, resume=, --list, --dry-run; every other key=value is a
+    dot-list override of the config (engine.config.parse_overrides, with its short keys)."""
+    from engine.cli import Command, Key
+
+    return Command("python -m engine.run", USAGE, [
+        Key("recipe", str, help="recipe name or YAML path (python -m engine.run --list)"),
+        Key("resume", str, help="run folder or checkpoint to continue"),
+    ], flags=["--list", "--dry-run"], passthrough=True)
 
 
 def run(argv: List[str]) -> int:
     from engine import checkpoint, config
     from engine.errors import ConfigError
 
-    flags = [a for a in argv if a.startswith("-")]
-    items = [a for a in argv if not a.startswith("-")]
-    for f in flags:
-        if f not in ("--list", "--dry-run", "--help", "-h"):
-            raise ConfigError(f"unknown option {f}; options: --list, --dry-run, --help")
-    if "--help" in flags or "-h" in flags or not argv:
+    if not argv:
         print(USAGE)
         return 0
-    if "--list" in flags:
+    cmd = command()
+    args = cmd.parse(argv)      # --help: the usage, exit code 0 (SystemExit)
+    if "--list" in args.flags:
         _print_list()
         return 0
+    recipe, resume, rest = args.recipe, args.resume, args.rest
 
-    recipe, resume, rest = config.split_command_items(items)
-
-    resume_ckpt = None
+    resume_ckpt = saved = None
     if resume:
         run_dir, resume_ckpt = checkpoint.find_resume_checkpoint(Path(resume))
         saved = config.read_yaml(run_dir / "config.yaml", "saved config")
         if recipe is not None and recipe != saved.get("recipe"):
             raise ConfigError(f"resume={resume} is a run of recipe '{saved.get('recipe')}', not "
                               f"'{recipe}'; drop recipe= when resuming")
-        cfg, resolved = config.load(None, rest, base=saved)
-    else:
-        if recipe is None:
-            raise ConfigError("no recipe given: add recipe=NAME (python -m engine.run --list "
-                              "shows the names)")
-        cfg, resolved = config.load(recipe, rest)
+    elif recipe is None:
+        raise ConfigError("no recipe given: add recipe=NAME (python -m engine.run --list "
+                          f"shows the names){cmd.misspelt(rest)}")
+    try:
+        cfg, resolved = config.load(None if resume else recipe, rest, base=saved)
+    except ConfigError as exc:   # an override the config refuses may be a misspelt resume=
+        raise ConfigError(f"{exc}{cmd.misspelt(rest)}") from None
 
-    if "--dry-run" in flags:
+    if "--dry-run" in args.flags:
         from omegaconf import OmegaConf
 
         from engine.recipes import format_sources
@@ -119,7 +133,7 @@ def run(argv: List[str]) -> int:
         return 0
 
     config.check_inputs(cfg)
-    device = _resolve_device(cfg.system.device)
+    device = resolve_device(cfg.system.device)
     for sname, stage_components in cfg.components.items():
         for field_name, (cls, ccfg) in stage_components.items():
             preflight = getattr(cls, "preflight", None)

@@ -10,7 +10,6 @@ same cameras and noise as an uninterrupted one and reaches the same result.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import signal
 import time
@@ -27,11 +26,7 @@ from engine.config import RunConfig, StageConfig, build, check_lr_groups
 from engine.errors import ConfigError, RunAborted
 from engine.outputs import MetricsLog, save_grid
 from engine.plugin import Representation, RunInputs, StepInfo
-
-
-def step_seed(seed: int, stage_index: int, step: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{stage_index}/{step}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+from engine.seeding import step_generator, step_seed
 
 
 @dataclass
@@ -54,7 +49,7 @@ class Interrupted(Exception):
         self.checkpoint = checkpoint
 
 
-class _StopFlag:
+class StopFlag:
     """First Ctrl-C asks the loop to stop after the current step; a second one is immediate."""
 
     def __init__(self):
@@ -91,7 +86,7 @@ class Trainer:
         self.finished: Dict[str, Representation] = {}
         self.finished_backgrounds: Dict[str, torch.nn.Module] = {}
         self.last_parts: Optional[StageParts] = None
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
 
     # -- building -----------------------------------------------------------------------
     def _components(self, name: str) -> Dict[str, Tuple[type, Any]]:
@@ -205,14 +200,12 @@ class Trainer:
 
     def _prune(self) -> None:
         """Keep stage-end checkpoints and the newest ``keep_checkpoints`` periodic ones."""
-        periodic = []
-        for p in ckpt.list_checkpoints(self.ckpt_dir):
-            _, sname, step = ckpt.NAME_RE.match(p.name).groups()
+        def stage_end(path: Path) -> bool:
+            _, sname, step = ckpt.NAME_RE.match(path.name).groups()
             stage = self.cfg.stages.get(sname)
-            if stage is None or int(step) != stage.steps:
-                periodic.append(p)
-        for p in periodic[:-self.cfg.output.keep_checkpoints]:
-            p.unlink(missing_ok=True)
+            return stage is not None and int(step) == stage.steps
+
+        ckpt.prune(self.ckpt_dir, self.cfg.output.keep_checkpoints, keep_also=stage_end)
 
     @torch.no_grad()
     def render_progress(self, parts: StageParts, name: str) -> Path:
@@ -288,9 +281,7 @@ class Trainer:
         t0 = time.time()
         for step in range(start_step, stage.steps):
             info = StepInfo(sname, si, step, stage.steps, global_step + step)
-            seed = step_seed(self.cfg.system.seed, si, step)
-            torch.manual_seed(seed)
-            generator = torch.Generator().manual_seed(seed)
+            generator = step_generator(self.cfg.system.seed, si, step)
             lrs = self._apply_lr(parts, stage, step)
             parts.optimizer.zero_grad(set_to_none=True)
             total, logged, _ = self._losses(parts, stage, info, generator)

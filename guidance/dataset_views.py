@@ -15,7 +15,6 @@ can reproduce a known object, and a building block for recipes that add priors.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -28,6 +27,7 @@ from engine.cameras import Cameras
 from engine.errors import ConfigError, InputError
 from engine.plugin import Guidance, RunInputs, StepInfo
 from engine.registry import register
+from guidance.multiview.targets import ViewTargets
 
 HOLDOUT = ("references", "none")
 
@@ -88,28 +88,6 @@ def load_object_views(folder, size: Optional[int] = None) -> ObjectViews:
     mesh = folder / record["mesh"] if record.get("mesh") else None
     return ObjectViews(torch.stack(rgbs), torch.stack(masks), cameras,
                        torch.tensor([r for _, r in entries]), mesh)
-
-
-def resize_views(views: Tensor, size: int) -> Tensor:
-    """[N, S, S, C] -> [N, size, size, C], bilinear (antialiased when shrinking); unchanged
-    when already that size. Differentiable with respect to ``views``."""
-    if views.shape[2] == size:
-        return views
-    x = F.interpolate(views.permute(0, 3, 1, 2), size=(size, size), mode="bilinear",
-                      align_corners=False, antialias=views.shape[2] > size)
-    return x.permute(0, 2, 3, 1)
-
-
-class ViewTargets:
-    """Mixin of the guidances that fit renders to a fixed set of views: ``self.rgb`` [N, S, S,
-    3] and ``self.mask`` [N, S, S, 1] (buffers), ``self._resized`` a dict; :meth:`targets`
-    gives them at a render's size, resized once per size."""
-
-    def targets(self, size: int):
-        """All views at ``size`` px: (rgb [N, size, size, 3], mask [N, size, size, 1])."""
-        if size not in self._resized:
-            self._resized[size] = (resize_views(self.rgb, size), resize_views(self.mask, size))
-        return self._resized[size]
 
 
 def _png_size(path: Path) -> int:
@@ -187,23 +165,3 @@ class DatasetViewsL2(ViewTargets, Guidance):
         idx = cameras.index.to(rgb.device)
         return {"rgb": F.mse_loss(outputs["rgb"], rgb[idx]),
                 "mask": F.mse_loss(outputs["opacity"], mask[idx])}
-
-
-@torch.no_grad()
-def heldout_psnr(rep, background, views: ObjectViews, size: int,
-                 indices: Optional[List[int]] = None) -> List[float]:
-    """PSNR (dB) of ``rep``'s renders against ``views`` (default: the held-out references)."""
-    from engine.evaluate.metrics import psnr
-    from engine.plugin import StepInfo as Info
-
-    indices = views.heldout_indices() if indices is None else indices
-    rep.eval()
-    background.eval()
-    out = []
-    for i in indices:
-        cam = views.cameras[torch.tensor([i])]
-        render = rep.render(cam, size, size, background=background, step=Info("eval", 0, 0, 1, 0))
-        target = F.interpolate(views.rgb[i:i + 1].permute(0, 3, 1, 2), size=(size, size),
-                               mode="bilinear", align_corners=False, antialias=True)
-        out.append(psnr(render["rgb"][0].cpu(), target[0].permute(1, 2, 0)))
-    return [x if math.isfinite(x) else 99.0 for x in out]

@@ -3,8 +3,10 @@
 Isotropic3D conditions the model on the CLIP image embedding of the input picture only;
 MVDream conditions it on a prompt. Renders are resized to the model's resolution (and
 VAE-encoded for a latent model); one timestep per step is shared by all views; classifier-free
-guidance; the reconstruction or the classic form of the loss (guidance/sds.py). Gradients reach
-the renders only: the model is frozen and runs under no_grad.
+guidance; the reconstruction or the classic form of the loss (guidance/multiview/sds.py).
+Gradients reach the renders only: the model is frozen and runs under no_grad. The model, its
+conditioning, cameras and noise maths are a :class:`guidance.multiview.prior.MultiViewPrior`;
+this plugin is its settings and the SDS step.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from engine.cameras import Cameras
@@ -21,10 +22,9 @@ from engine.errors import ConfigError
 from engine.plugin import Guidance, RunInputs, StepInfo
 from engine.registry import register
 from engine.schedules import Schedule
-from guidance.multiview import sds
-from guidance.multiview.cameras import CONVENTIONS, camera_vectors
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from guidance.multiview import noise, sds
+from guidance.multiview.cameras import CONVENTIONS
+from guidance.multiview.prior import PRECISIONS, MultiViewPrior
 
 
 def _choice(key: str, value: str, options) -> None:
@@ -89,47 +89,34 @@ class MultiViewSDS(Guidance):
                  model=None):
         super().__init__()
         self.cfg = cfg = cfg or MultiViewSDS.Config()
-        if model is None:
-            from guidance.multiview.pretrained import load_multiview_model
-
-            model = load_multiview_model(cfg.model, device=device,
-                                         dtype=PRECISIONS[cfg.precision])
-        self.model = model
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.model.eval()
-        info = model.info
-        self.conditioning = info.conditioning if cfg.conditioning == "auto" else cfg.conditioning
-        self.convention = (info.camera_convention if cfg.camera_convention == "auto"
-                           else cfg.camera_convention)
-        self.dtype = PRECISIONS[cfg.precision]
-        cond, uncond = self._embed(inputs or RunInputs())
+        inputs = inputs or RunInputs()
+        self.prior = MultiViewPrior.load(cfg.model if model is None else model, device=device,
+                                         dtype=PRECISIONS[cfg.precision],
+                                         camera_convention=cfg.camera_convention,
+                                         conditioning=cfg.conditioning)
+        cond, uncond = self.prior.contexts(inputs.image, inputs.prompt, cfg.negative_prompt,
+                                           who="guidance multiview-sds")
         self.register_buffer("context_cond", cond, persistent=False)
         self.register_buffer("context_uncond", uncond, persistent=False)
         if not cfg.keep_conditioner:
-            model.conditioner = None
+            self.prior.drop_conditioner()
 
-    @torch.no_grad()
-    def _embed(self, inputs: RunInputs):
-        if self.conditioning == "image":
-            if inputs.image is None:
-                raise ConfigError("guidance multiview-sds conditions on an image: add image=PATH")
-            rgb = inputs.image.rgb.permute(2, 0, 1)[None]            # composited on white
-            rgb = F.interpolate(rgb, size=(256, 256), mode="bicubic", align_corners=False,
-                                antialias=True).clamp(0, 1)
-            dev = next(self.model.parameters()).device
-            cond = self.model.embed_image(rgb.to(dev, self.dtype))
-            uncond = self.model.unconditional_context(1).to(cond)
-            return cond, uncond
-        if not inputs.prompt:
-            raise ConfigError('guidance multiview-sds conditions on text: add prompt="..."')
-        cond = self.model.embed_text([inputs.prompt])
-        uncond = self.model.embed_text([self.cfg.negative_prompt])
-        return cond, uncond
+    @property
+    def model(self):
+        """The frozen MultiViewDiffusionModel (the prior's)."""
+        return self.prior.model
+
+    @property
+    def conditioning(self) -> str:
+        return self.prior.conditioning
+
+    @property
+    def convention(self) -> str:
+        return self.prior.convention
 
     def t_range(self, step: int):
         """[t_min, t_max] at this step of the schedule clock."""
-        return sds.timestep_bounds(self.cfg.min_schedule(step), self.cfg.max_schedule(step))
+        return noise.timestep_bounds(self.cfg.min_schedule(step), self.cfg.max_schedule(step))
 
     def guidance_scale(self, step: int) -> float:
         """The classifier-free guidance scale at this step of the schedule clock."""
@@ -140,33 +127,28 @@ class MultiViewSDS(Guidance):
 
     def forward(self, outputs: Dict[str, Tensor], cameras: Cameras,
                 step: StepInfo) -> Dict[str, Tensor]:
-        model, info = self.model, self.model.info
+        prior = self.prior
         rgb = outputs["rgb"].permute(0, 3, 1, 2)
         n, views = rgb.shape[0], cameras.views_per_object
         if n % views:
             raise ValueError(f"{n} renders are not whole groups of {views} views")
-        rgb = F.interpolate(rgb, size=(info.image_size, info.image_size), mode="bilinear",
-                            align_corners=False)
-        x0 = model.encode(rgb.to(self.dtype))
+        x0 = prior.encode(rgb)
         clock = self._clock(step)
         t_min, t_max = self.t_range(clock)
-        t = torch.full((n,), sds.sample_timestep(t_min, t_max), device=x0.device,
+        t = torch.full((n,), noise.sample_timestep(t_min, t_max), device=x0.device,
                        dtype=torch.long)
-        noise = torch.randn_like(x0)
-        alphas = model.alphas_cumprod.to(x0.device)
-        camera = camera_vectors(cameras, self.convention).to(x0)
+        epsilon = torch.randn_like(x0)
+        camera = prior.camera_vectors(cameras)
         with torch.no_grad():
-            x_t = sds.add_noise(x0.detach(), noise, t, alphas)
-            context = torch.cat([self.context_uncond.expand(n, -1, -1),
-                                 self.context_cond.expand(n, -1, -1)]).to(x0)
-            eps = model.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), context,
-                                      torch.cat([camera, camera]), views)
-            eps_uncond, eps_cond = eps.chunk(2)
+            x_t = prior.add_noise(x0.detach(), epsilon, t)
+            eps_uncond, eps_cond = prior.predict_eps_pair(x_t, t, self.context_cond,
+                                                          self.context_uncond, camera, views)
             eps_guided = sds.classifier_free_guidance(eps_uncond, eps_cond,
                                                       self.guidance_scale(clock))
+        alphas = prior.alphas_cumprod.to(x0.device)
         if self.cfg.loss == "reconstruction":
             loss = sds.reconstruction_loss(x0, x_t, t, eps_guided, eps_cond, alphas, views,
                                            self.cfg.std_rescale)
         else:
-            loss = sds.classic_loss(x0, noise, t, eps_guided, alphas)
+            loss = sds.classic_loss(x0, epsilon, t, eps_guided, alphas)
         return {"sds": loss.float()}

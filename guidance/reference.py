@@ -16,17 +16,7 @@ from engine.cameras import Cameras
 from engine.errors import ConfigError
 from engine.plugin import Guidance, RunInputs, StepInfo
 from engine.registry import register
-
-
-def resize_image(image: Tensor, size: int) -> Tensor:
-    """[H, W, C] -> [size, size, C] with area averaging (antialiased downscale).
-
-    Differentiable with respect to ``image``.
-    """
-    x = image.permute(2, 0, 1)[None]
-    mode = "area" if size <= image.shape[0] else "bilinear"
-    kwargs = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(x, size=(size, size), mode=mode, **kwargs)[0].permute(1, 2, 0)
+from guidance.multiview.targets import resize_image
 
 
 def reference_losses(rgb: Tensor, opacity: Tensor, target_rgb: Tensor,

@@ -13,7 +13,9 @@ reconstruction (One-2-3-45++, Instant3D: generate views, then reconstruct). A la
 with ``init_from`` refines the result with ``multiview-sds``.
 
 The picture's own pixels are never a target (Isotropic3D keeps the input out of the loss);
-they only pick among the model's own samples.
+they only pick among the model's own samples. The model and its conditioning are a
+:class:`guidance.multiview.prior.MultiViewPrior`; the drawing and the choice are
+:func:`guidance.multiview.sample.draw_best_group`, which the sample command shares.
 """
 
 from __future__ import annotations
@@ -30,78 +32,9 @@ from engine.cameras import Cameras
 from engine.errors import ConfigError
 from engine.plugin import Guidance, RunInputs, StepInfo
 from engine.registry import register
-from guidance.dataset_views import ViewTargets
-
-
-#: default ramp of mask_from_white: the sampler's background grain stays below MASK_LOW, the
-#: toy world's palest colour (grey, deficit 0.26) above MASK_HIGH
-MASK_LOW, MASK_HIGH = 0.08, 0.2
-
-
-def mask_from_white(rgb: Tensor, low: float, high: float) -> Tensor:
-    """Object mask of views drawn on white: rgb [N, S, S, 3] in [0, 1] -> [N, S, S, 1].
-
-    A pixel's distance from white is its largest channel deficit ``max(1 - rgb)``; below
-    ``low`` it is background (0), above ``high`` object (1), linear in between, so the grain a
-    small sampler leaves on the background is not read as fog. Differentiable with respect
-    to ``rgb`` (zero gradient outside the ramp).
-    """
-    deficit = (1.0 - rgb).amax(dim=-1, keepdim=True)
-    return ((deficit - low) / max(high - low, 1e-6)).clamp(0.0, 1.0)
-
-
-def clean_views(rgb: Tensor, low: float, high: float):
-    """(rgb on pure white, mask) of sampled views rgb [N, S, S, 3]: the background's grain is
-    replaced by white where the mask is 0. Not differentiable (targets)."""
-    mask = mask_from_white(rgb, low, high)
-    return mask * rgb + (1.0 - mask), mask
-
-
-def match_error(view_rgb: Tensor, view_mask: Tensor, rgb: Tensor, mask: Tensor) -> Tensor:
-    """How unlike a picture each candidate view is: view_rgb [K, S, S, 3], view_mask
-    [K, S, S, 1] against rgb [S, S, 3], mask [S, S, 1] -> [K] (mean squared colour error plus
-    mean squared mask error). Lower is a better match."""
-    colour = ((view_rgb - rgb[None]) ** 2).flatten(1).mean(dim=1)
-    silhouette = ((view_mask - mask[None]) ** 2).flatten(1).mean(dim=1)
-    return colour + silhouette
-
-
-@torch.no_grad()
-def draw_best_group(sds, cam16: Tensor, num_views: int, candidates: int, seed: int,
-                    steps: int, scale: float, input_view: Optional[int], image=None,
-                    mask_low: float = MASK_LOW, mask_high: float = MASK_HIGH, eta: float = 0.0):
-    """Sample ``candidates`` groups of views (seeds ``seed`` .. ``seed + candidates - 1``)
-    with ``sds``'s model and conditioning (a :class:`guidance.multiview_sds.MultiViewSDS`),
-    and keep the one whose view ``input_view`` is most like ``image`` (a ReferenceImage;
-    ``input_view`` None: the first group).
-
-    Args:
-        cam16: [V, 16] camera vectors of one group. steps, scale, eta: DDIM steps, CFG
-        scale and stochasticity.
-    Returns:
-        (rgb [V, S, S, 3] on pure white, mask [V, S, S, 1], chosen index, errors [K] or None).
-        Not differentiable.
-    """
-    from guidance.reference import resize_image
-    from guidance.multiview.sample import sample_views
-
-    rgbs, masks = [], []
-    for k in range(candidates):
-        g = torch.Generator().manual_seed(seed + k)
-        views = sample_views(sds.model, sds.context_cond, sds.context_uncond, cam16, num_views,
-                             steps, scale, eta, g)
-        rgb, mask = clean_views(views.float().permute(0, 2, 3, 1), mask_low, mask_high)
-        rgbs.append(rgb)
-        masks.append(mask)
-    rgbs, masks = torch.stack(rgbs), torch.stack(masks)              # [K, V, S, S, C]
-    if input_view is None:
-        return rgbs[0], masks[0], 0, None
-    size = rgbs.shape[2]
-    errors = match_error(rgbs[:, input_view], masks[:, input_view],
-                         resize_image(image.rgb.to(rgbs), size),
-                         resize_image(image.mask.to(rgbs), size))
-    chosen = int(errors.argmin())
-    return rgbs[chosen], masks[chosen], chosen, errors
+from guidance.multiview.prior import PRECISIONS, MultiViewPrior
+from guidance.multiview.sample import draw_best_group
+from guidance.multiview.targets import MASK_HIGH, MASK_LOW, ViewTargets
 
 
 @register("guidance", "sampled-views")
@@ -129,6 +62,9 @@ class SampledViewsL2(ViewTargets, Guidance):
         precision: str = "fp32"
 
         def __post_init__(self):
+            if self.precision not in PRECISIONS:
+                raise ConfigError(f"precision: '{self.precision}' is not one of "
+                                  f"{', '.join(PRECISIONS)}")
             if self.sample_steps < 1:
                 raise ConfigError(f"sample_steps: must be >= 1, got {self.sample_steps}")
             if self.candidates < 1:
@@ -150,16 +86,19 @@ class SampledViewsL2(ViewTargets, Guidance):
     def __init__(self, cfg: "SampledViewsL2.Config" = None, device=None,
                  inputs: RunInputs = None, model=None):
         super().__init__()
-        from guidance.multiview_sds import MultiViewSDS
-
         self.cfg = cfg = cfg or SampledViewsL2.Config()
         inputs = inputs or RunInputs()
         if cfg.input_view is not None and inputs.image is None:
             raise ConfigError("guidance sampled-views picks its views by the input picture: "
                               "add image=PATH (or set input_view: null)")
         # the same model loading and conditioning as score distillation
-        self.sds = MultiViewSDS(MultiViewSDS.Config(model=cfg.model, precision=cfg.precision),
-                                device=device, inputs=inputs, model=model)
+        self.prior = MultiViewPrior.load(cfg.model if model is None else model, device=device,
+                                         dtype=PRECISIONS[cfg.precision])
+        cond, uncond = self.prior.contexts(inputs.image, inputs.prompt,
+                                           who="guidance sampled-views")
+        self.prior.drop_conditioner()
+        self.register_buffer("context_cond", cond, persistent=False)
+        self.register_buffer("context_uncond", uncond, persistent=False)
         self.inputs = inputs
         self.register_buffer("rgb", torch.empty(0), persistent=False)
         self.register_buffer("mask", torch.empty(0), persistent=False)
@@ -172,9 +111,7 @@ class SampledViewsL2(ViewTargets, Guidance):
     def draw(self, cameras: Cameras) -> None:
         """Sample ``candidates`` groups of views at ``cameras`` (one group) and keep the one
         most like the input picture as the targets."""
-        from guidance.multiview.cameras import camera_vectors
-
-        cfg, sds = self.cfg, self.sds
+        cfg = self.cfg
         n = len(cameras)
         if cameras.views_per_object != n:
             raise ConfigError(f"guidance sampled-views needs one group of views per step; the "
@@ -182,10 +119,11 @@ class SampledViewsL2(ViewTargets, Guidance):
                               f"{cameras.views_per_object} (use cameras: {{type: fixed, ...}})")
         if cfg.input_view is not None and cfg.input_view >= n:
             raise ConfigError(f"input_view: {cfg.input_view} but the stage has {n} cameras")
-        cam16 = camera_vectors(cameras, sds.convention).to(sds.context_cond)
+        cam16 = self.prior.camera_vectors(cameras).to(self.context_cond)
         self.rgb, self.mask, self.chosen, self.errors = draw_best_group(
-            sds, cam16, n, cfg.candidates, cfg.seed, cfg.sample_steps, cfg.guidance_scale,
-            cfg.input_view, self.inputs.image, cfg.mask_low, cfg.mask_high)
+            self.prior, self.context_cond, self.context_uncond, cam16, cfg.candidates,
+            cfg.seed, cfg.sample_steps, cfg.guidance_scale, cfg.input_view, self.inputs.image,
+            cfg.mask_low, cfg.mask_high)
         if self.errors is not None:
             print(f"sampled-views: kept candidate {self.chosen} of {cfg.candidates} (match "
                   f"error {float(self.errors[self.chosen]):.4f}; others "

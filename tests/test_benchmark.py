@@ -26,6 +26,7 @@ def bench(tmp_path_factory):
     return out, code
 
 
+@pytest.mark.slow
 def test_bench_writes_tables_chart_and_sheet(bench):
     out, code = bench
     assert code == 0
@@ -59,6 +60,7 @@ def test_bench_writes_tables_chart_and_sheet(bench):
         assert im.size == (150 + 5 * 96, 16 + 2 * 96)
 
 
+@pytest.mark.slow
 def test_failed_row_is_kept_and_exit_code_is_1(bench, tmp_path):
     src, _ = bench
     data = tmp_path / "data"
@@ -95,21 +97,33 @@ def test_means_skip_failed_rows():
 
 @pytest.mark.parametrize("args", [["recipe=no-such-recipe"], ["recipe=initial", "oops"],
                                   ["recipe=initial", "objects=0"],
-                                  ["recipe=initial", "stages.nosuch.steps=3"]])
+                                  ["recipe=initial", "stages.nosuch.steps=3"],
+                                  ["recipe=initial", "objects=many"], ["recipe="], [],
+                                  ["recipe=initial", "image=x.png"],
+                                  ["recipe=initial", "--objects", "2"],
+                                  ["recipe=initial", "seed=1", "seed=2"]])
 def test_user_errors_exit_2_with_one_line(args, tmp_path, capsys):
     assert main(["bench=toy", f"out={tmp_path / 'b'}", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
     assert not (tmp_path / "b").exists()   # nothing generated before validation
-    if args[0] == "recipe=no-such-recipe":
+    if args and args[0] == "recipe=no-such-recipe":
         assert "no-such-recipe" in err
+
+
+def test_bench_help_and_bad_bench(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench=toy", "--help"])
+    assert exit_info.value.code == 0
+    assert "recipe=NAME [recipe=NAME ...]" in capsys.readouterr().out
+    assert main(["bench=tyo", "recipe=initial"]) == 2
+    assert "bench: 'tyo' is not one of toy (did you mean 'toy'?)" in capsys.readouterr().err
 
 
 def test_pair_mode_still_works(tmp_path, capsys):
     path = tmp_path / "box.obj"
     trimesh.creation.box(extents=(1.0, 0.6, 0.4)).export(path)
-    assert main([str(path), str(path), "--samples", "2000", "--json", str(tmp_path / "s.json")]) \
-        == 0
+    assert main([str(path), str(path), "samples=2000", f"json={tmp_path / 's.json'}"]) == 0
     scores = json.loads((tmp_path / "s.json").read_text())
     # a mesh against itself: only the two independent surface samples differ
     assert scores["chamfer"] < 0.03 and scores["yaw"] == 0.0
@@ -117,6 +131,7 @@ def test_pair_mode_still_works(tmp_path, capsys):
     assert "chamfer" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_dataset_size_is_the_render_size(bench):
     out, _ = bench
     row = json.loads((out / "results.json").read_text())["rows"][1]
@@ -124,6 +139,7 @@ def test_dataset_size_is_the_render_size(bench):
         assert im.size == (DATA_SIZE, DATA_SIZE)
 
 
+@pytest.mark.slow
 def test_export_failure_is_a_recorded_row(bench, tmp_path):
     src, _ = bench
     out = tmp_path / "bench"

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.errors import UserError
-from guidance.conditioners import (CLIP_MEAN, CLIP_STD, OpenCLIPImageConditioner,
-                                   OpenCLIPTextConditioner, build_openclip, clip_preprocess,
-                                   save_openclip_folder, tiny_openclip_config)
+from guidance.conditioners import OpenCLIPImageConditioner, OpenCLIPTextConditioner
+from guidance.multiview.openclip import (CLIP_MEAN, CLIP_STD, build_openclip, clip_preprocess,
+                                         save_openclip_folder, tiny_openclip_config)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,7 @@ def test_offline_tag_gives_one_line_instruction(offline):
     msg = str(err.value)
     assert "\n" not in msg
     assert "ViT-H-14/laion2b_s32b_b79k are not available offline" in msg
-    assert "stages.<stage>.guidance.multiview.model" in msg and "download" in msg
+    assert "stages.<stage>.guidance.model" in msg and "download" in msg
 
 
 def test_offline_hub_id_and_bad_names(offline, tmp_path):

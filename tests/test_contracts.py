@@ -87,8 +87,8 @@ def test_reference_view_with_the_synthetic_inputs():
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    from guidance.conditioners import (OpenCLIPImageConditioner, OpenCLIPTextConditioner,
-                                       build_openclip, tiny_openclip_config)
+    from guidance.conditioners import OpenCLIPImageConditioner, OpenCLIPTextConditioner
+    from guidance.multiview.openclip import build_openclip, tiny_openclip_config
 
     cfg = tiny_openclip_config()
     return (OpenCLIPImageConditioner.from_clip(build_openclip(cfg, seed=0), cfg),

@@ -9,7 +9,7 @@ import torch
 from engine.errors import UserError
 from guidance.multiview import convert
 from guidance.multiview import pretrained
-from guidance.conditioners import build_openclip, clip_preprocess, tiny_openclip_config
+from guidance.multiview.openclip import build_openclip, clip_preprocess, tiny_openclip_config
 from guidance.multiview.unet import MultiViewUNetConfig, build_unet
 
 
@@ -270,15 +270,30 @@ def test_missing_unet_key_fails_unless_allowed(tmp_path, capsys):
     src = tmp_path / "broken.ckpt"
     torch.save(sd, src)
     out = tmp_path / "out"
-    args = [str(src), str(out), "--unet", str(_unet_json(tmp_path)), "--clip",
-            str(_clip_json(tmp_path))]
-    assert convert.main(args) == 1
+    args = [str(src), str(out), f"unet={_unet_json(tmp_path)}", f"clip={_clip_json(tmp_path)}"]
+    assert convert.main(args) == 2
     err = capsys.readouterr()
     assert "MISSING unet: 1: down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" \
         in err.out
+    assert err.err.startswith("error: ") and err.err.count("\n") == 1
+    assert "allow_missing=true" in err.err
     assert not (out / "engine_model.json").exists()
-    assert convert.main(args + ["--allow-missing"]) == 0
+    assert convert.main(args + ["allow_missing=true"]) == 0
     assert (out / "engine_model.json").exists()
+
+
+def test_convert_command_line_mistakes_are_one_line(tmp_path, capsys):
+    assert convert.main(["--help"]) == 0
+    assert "unet=sd21-base" in capsys.readouterr().out
+    for argv, words in (([str(tmp_path / "a.ckpt")], "missing OUT"),
+                        ([str(tmp_path / "a.ckpt"), str(tmp_path / "o"), "--unet", "x"],
+                         "unknown option --unet"),
+                        ([str(tmp_path / "a.ckpt"), str(tmp_path / "o"), "dtype=fp64"],
+                         "dtype: 'fp64' is not one of"),
+                        ([str(tmp_path / "a.ckpt"), str(tmp_path / "o")], "not found")):
+        assert convert.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
 
 
 def _unet_json(tmp_path):
@@ -439,9 +454,9 @@ def test_unavailable_models_give_one_line_instructions(offline, tmp_path):
         msg = str(err.value)
         assert "\n" not in msg
         assert "pkunliu/Isotropic3D isotropic3d.ckpt" in msg and "offline" in msg
-        assert "stages.<stage>.guidance.multiview.model=PATH" in msg
-    with pytest.raises(UserError, match="stages.fit.guidance.multiview.model=PATH"):
-        pretrained.check_available("someone/some-model", key="stages.fit.guidance.multiview.model")
+        assert "stages.<stage>.guidance.model=PATH" in msg
+    with pytest.raises(UserError, match="stages.fit.guidance.model=PATH"):
+        pretrained.check_available("someone/some-model", key="stages.fit.guidance.model")
     with pytest.raises(UserError, match="not found"):
         pretrained.check_available(str(tmp_path / "nothing.ckpt"))
     empty = tmp_path / "empty"
@@ -450,26 +465,28 @@ def test_unavailable_models_give_one_line_instructions(offline, tmp_path):
         pretrained.check_available(str(empty))
 
 
-def test_relative_paths_fall_back_to_the_project(tmp_path, monkeypatch):
-    """Recipes name shipped models relative to the checkout (models/toy/stage2); they load from
-    any working directory, and a same-named folder under the working directory wins."""
+def test_shipped_toy_model_paths_load_from_anywhere(tmp_path, monkeypatch):
+    """Recipes name the shipped toy models as models/toy/NAME; they load from any working
+    directory (from the installed package data, or the checkout), and a same-named folder
+    under the working directory wins."""
     from dataclasses import replace
 
+    import engine.resources
     from guidance.multiview.model import MultiViewDiffusionModel
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     cfg = replace(tiny_unet_cfg(), in_channels=3, out_channels=3)
     MultiViewDiffusionModel.build_random(cfg, "pixel", seed=0).save_pretrained(
-        project / "models" / "m")
+        project / "models" / "toy" / "m")
     elsewhere.mkdir()
-    monkeypatch.setattr(pretrained, "PROJECT_ROOT", project)
+    monkeypatch.setattr(engine.resources, "CHECKOUT_ROOT", project)
     monkeypatch.chdir(elsewhere)
-    pretrained.check_available("models/m")
-    assert pretrained.load_multiview_model("models/m").info.camera_convention == "mvdream"
+    pretrained.check_available("models/toy/m")
+    assert pretrained.load_multiview_model("models/toy/m").info.camera_convention == "mvdream"
     with pytest.raises(UserError, match="not found"):
-        pretrained.check_available("models/absent/x")
+        pretrained.check_available("models/toy/absent")
     MultiViewDiffusionModel.build_random(cfg, "pixel", seed=0,
                                          camera_convention="isotropic3d-release"
-                                         ).save_pretrained(elsewhere / "models" / "m")
-    assert pretrained.load_multiview_model("models/m").info.camera_convention == \
+                                         ).save_pretrained(elsewhere / "models" / "toy" / "m")
+    assert pretrained.load_multiview_model("models/toy/m").info.camera_convention == \
         "isotropic3d-release"

@@ -1,4 +1,4 @@
-"""python -m guidance.training.finetune: every mode on a tiny dataset with tiny models.
+"""python -m guidance.training: every mode on a tiny dataset with tiny models.
 
 One module-scoped text run (through the command line) feeds the image stage, which feeds the
 ema stage, as in the toy recipes; the maths of a step are checked on hand-built tensors.
@@ -15,14 +15,19 @@ import yaml
 
 from engine.cameras import Cameras
 from engine.errors import ConfigError
-from guidance.training.finetune import (Finetune, StepBatchSampler, WeightAverage, build_config,
-                             build_diffusion_model, clip_loss, diffusion_loss,
-                             foreground_pixel_weights, lr_at, main, make_diffusion_batch,
-                             snr_loss_weights)
 from engine.datasets.mvdataset import write_index, write_object
-from guidance.conditioners import build_openclip, save_openclip_folder, tiny_openclip_config
 from guidance.multiview.model import MultiViewDiffusionModel
+from guidance.multiview.openclip import build_openclip, save_openclip_folder, tiny_openclip_config
 from guidance.multiview.unet import unet_forward
+from guidance.training.average import WeightAverage
+from guidance.training.clip import ClipTrainer
+from guidance.training.command import main
+from guidance.training.config import build_config
+from guidance.training.data import StepBatchSampler
+from guidance.training.diffusion import DiffusionTrainer, build_diffusion_model
+from guidance.training.loop import lr_at
+from guidance.training.losses import (clip_loss, diffusion_loss, foreground_pixel_weights,
+                                      make_diffusion_batch, snr_loss_weights)
 
 COLOURS = {"red": (220, 40, 30), "green": (40, 200, 60), "blue": (40, 60, 220),
            "yellow": (230, 210, 40)}
@@ -330,7 +335,7 @@ def test_weight_average_is_what_is_saved_and_resumes_exactly(work, text_run):
 def test_text_loss_decreases_on_a_fixed_batch(work, text_run):
     cfg = build_config(yaml.safe_load(recipe(work, "text", model={"init": str(text_run / "model")},
                                              lr=3e-3).read_text()), recipe="t")
-    job = Finetune(cfg, work / "fixed-text")
+    job = DiffusionTrainer(cfg, work / "fixed-text")
     losses = fit_fixed_batch(job, 15)
     assert all(np.isfinite(losses)) and min(losses[-3:]) < 0.5 * losses[0]
 
@@ -339,7 +344,7 @@ def test_image_stage_from_text_model(work, text_run):
     spec = {"init": str(text_run / "model"), "conditioner": {"model": str(work / "clip")}}
     cfg = build_config(yaml.safe_load(recipe(work, "image", model=spec, lr=3e-3).read_text()),
                        recipe="i")
-    job = Finetune(cfg, work / "image-run")
+    job = DiffusionTrainer(cfg, work / "image-run")
     assert job.model.info.conditioning == "image"
     assert job.model.unconditional_context(1).abs().max() == 0
     losses = fit_fixed_batch(job, 15)
@@ -375,7 +380,7 @@ def test_image_stage_with_patch_tokens_keeps_them_through_ema(work, text_run, ca
     spec = {"init": str(text_run / "model"),
             "conditioner": {"model": str(work / "clip"), "tokens": "patches"}}
     cfg = build_config(yaml.safe_load(recipe(work, "image", model=spec, lr=3e-3).read_text()))
-    job = Finetune(cfg, work / "patch-run")
+    job = DiffusionTrainer(cfg, work / "patch-run")
     ref = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ctx = job.model.embed_image(ref)
@@ -439,7 +444,7 @@ def test_reference_dropout_trains_some_steps_as_inference_runs(work, text_run, m
     for p in (0.0, 1.0, 0.5):
         cfg = build_config(yaml.safe_load(recipe(work, "ema", model=spec,
                                                  reference_dropout=p).read_text()))
-        job = Finetune(cfg, work / f"refdrop-{p}")
+        job = DiffusionTrainer(cfg, work / f"refdrop-{p}")
         batch = next(iter(job.loader))
         groups.clear()
         with torch.no_grad():
@@ -454,10 +459,12 @@ def test_reference_dropout_trains_some_steps_as_inference_runs(work, text_run, m
 
 
 def test_clip_mode_learns_and_saves_openclip_folder(work):
-    from guidance.conditioners import OpenCLIPImageConditioner, OpenCLIPTextConditioner
+    from guidance.conditioners import conditioner_for
+
+    OpenCLIPImageConditioner, OpenCLIPTextConditioner = map(conditioner_for, ("image", "text"))
 
     cfg = build_config(yaml.safe_load(recipe(work, "clip", batch_size=4, lr=2e-3).read_text()))
-    job = Finetune(cfg, work / "clip-run")
+    job = ClipTrainer(cfg, work / "clip-run")
     losses = fit_fixed_batch(job, 20)
     assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
     folder = job.save_model(20)
@@ -466,7 +473,7 @@ def test_clip_mode_learns_and_saves_openclip_folder(work):
     text = OpenCLIPTextConditioner(OpenCLIPTextConditioner.Config(model=str(folder)))
     rgb = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        from guidance.conditioners import clip_preprocess
+        from guidance.multiview.openclip import clip_preprocess
 
         expected = job.clip.visual(clip_preprocess(rgb, 32))
         assert torch.allclose(image(rgb)[:, 0], expected, atol=1e-6)
@@ -481,7 +488,7 @@ def test_v_prediction_targets_v_and_learns(work):
     spec = dict(text_model_spec(work), prediction_type="v_prediction")
     cfg = build_config(yaml.safe_load(recipe(work, "text", model=spec, lr=3e-3).read_text()),
                        recipe="v")
-    job = Finetune(cfg, work / "v-text")
+    job = DiffusionTrainer(cfg, work / "v-text")
     assert job.model.info.prediction_type == "v_prediction"
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 4, 3, 8, 8)
@@ -509,7 +516,7 @@ def test_zero_terminal_snr_text_model_learns_the_image_from_pure_noise(work, cap
                 noise_schedule="zero-terminal-snr")
     cfg = build_config(yaml.safe_load(recipe(work, "text", model=spec, lr=3e-3).read_text()),
                        recipe="zsnr")
-    job = Finetune(cfg, work / "zsnr-text")
+    job = DiffusionTrainer(cfg, work / "zsnr-text")
     ac = job.model.alphas_cumprod
     assert float(ac[999]) < 1e-6
     x0 = torch.randn(2, 4, 3, 8, 8)
@@ -575,10 +582,10 @@ def test_min_snr_training_learns_and_bad_settings_are_one_line(work, capsys, mon
     spec = dict(text_model_spec(work), prediction_type="v_prediction")
     cfg = build_config(yaml.safe_load(recipe(work, "text", model=spec, lr=3e-3,
                                              loss_weighting="min-snr").read_text()), recipe="ms")
-    job = Finetune(cfg, work / "min-snr-text")
+    job = DiffusionTrainer(cfg, work / "min-snr-text")
     seen = []
     real = snr_loss_weights
-    monkeypatch.setattr("guidance.training.finetune.snr_loss_weights",
+    monkeypatch.setattr("guidance.training.diffusion.snr_loss_weights",
                         lambda *a, **k: seen.append(a) or real(*a, **k))
     losses = fit_fixed_batch(job, 15)
     assert all(np.isfinite(losses)) and min(losses[-3:]) < 0.5 * losses[0]
@@ -643,15 +650,16 @@ def test_foreground_weight_reaches_the_loss_from_the_views_alpha(work, text_run,
     """ema mode, foreground_weight 4: the loss uses the batch's masks at the model's 8 px
     (the files are 16 px), weighs the bars more than the background, still learns, and bad
     settings are one line."""
-    import guidance.training.finetune as finetune
+    import guidance.training.diffusion as diffusion
+    from engine.errors import UserError
 
     spec = {"init": str(text_run / "model"), "conditioner": {"model": str(work / "clip")}}
     cfg = build_config(yaml.safe_load(recipe(work, "ema", model=spec, lr=3e-3,
                                              foreground_weight=4.0).read_text()), recipe="fg")
-    job = Finetune(cfg, work / "fg-ema")
+    job = DiffusionTrainer(cfg, work / "fg-ema")
     seen = []
-    real = finetune.diffusion_loss
-    monkeypatch.setattr(finetune, "diffusion_loss",
+    real = diffusion.diffusion_loss
+    monkeypatch.setattr(diffusion, "diffusion_loss",
                         lambda *a, **k: seen.append(a) or real(*a, **k))
     batch = next(iter(job.loader))
     with torch.no_grad():
@@ -667,7 +675,7 @@ def test_foreground_weight_reaches_the_loss_from_the_views_alpha(work, text_run,
     losses = fit_fixed_batch(job, 15)
     assert all(np.isfinite(losses)) and min(losses[-3:]) < 0.7 * losses[0]
     no_masks = {k: v for k, v in batch.items() if k != "masks"}
-    with pytest.raises(finetune.UserError, match="foreground_weight needs the views' masks"):
+    with pytest.raises(UserError, match="foreground_weight needs the views' masks"):
         job.compute_loss(no_masks, torch.Generator().manual_seed(0))
     path = recipe(work, "text", model=text_model_spec(work))
     assert "foreground_weight: must be >= 0" in one_line_error(capsys, f"recipe={path}",

@@ -11,7 +11,11 @@ from engine.evaluate.metrics import compare_files
 from engine.run import main
 from engine.datasets.toy_world import generate
 from engine.trainer import load_finished_representation
-from guidance.dataset_views import heldout_psnr, load_object_views
+from engine.evaluate.metrics import heldout_psnr
+from guidance.dataset_views import load_object_views
+
+# an end-to-end NeRF fit (about a minute)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

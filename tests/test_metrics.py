@@ -74,7 +74,35 @@ def test_evaluate_cli(tmp_path, capsys):
     a, b = tmp_path / "a.obj", tmp_path / "b.glb"
     trimesh.creation.box((1, 1, 1)).export(a)
     trimesh.creation.icosphere(3).export(b)
-    assert evaluate_main([str(a), str(b), "--json", str(tmp_path / "s.json"), "--no-icp"]) == 0
+    assert evaluate_main([str(a), str(b), f"json={tmp_path / 's.json'}", "icp=false"]) == 0
     assert "volume_iou" in capsys.readouterr().out and (tmp_path / "s.json").is_file()
     (tmp_path / "bad.obj").write_text("not a mesh")
     assert evaluate_main([str(tmp_path / "bad.obj"), str(b)]) == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["thresold=1"], "unknown key 'thresold' (did you mean 'threshold'?)"),
+    (["threshold=big"], "threshold: expected a number, got 'big'"),
+    (["threshold=0"], "threshold: must be > 0"),
+    (["samples=10"], "samples: must be >= 100"),
+    (["icp=maybe"], "icp: expected true or false"),
+    (["--no-icp"], "unknown option --no-icp"),
+    (["--threshold", "0.1"], "unknown option --threshold"),
+    (["json=a", "json=b"], "json is given twice"),
+    (["c.obj"], "takes 2 items without a key"),
+])
+def test_evaluate_cli_mistakes_are_one_line_exit_2(args, words, tmp_path, capsys):
+    a = tmp_path / "a.obj"
+    trimesh.creation.box((1, 1, 1)).export(a)
+    assert evaluate_main([str(a), str(a), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1
+    assert evaluate_main([str(a)]) == 2
+    assert "missing REF" in capsys.readouterr().err
+
+
+def test_evaluate_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--help"])
+    assert exit_info.value.code == 0
+    assert "PRED_MESH REF_MESH [threshold=0.05]" in capsys.readouterr().out

@@ -13,9 +13,10 @@ from engine.cameras import Cameras
 from engine.images import load_reference_image
 from engine.plugin import RunInputs, StepInfo
 from engine.run import main
-from guidance.conditioners import (OpenCLIPImageConditioner, OpenCLIPTextConditioner,
-                                   build_openclip, tiny_openclip_config)
+from guidance.conditioners import OpenCLIPImageConditioner, OpenCLIPTextConditioner
 from guidance.multiview.model import MultiViewDiffusionModel
+from guidance.multiview.openclip import build_openclip, tiny_openclip_config
+from guidance.multiview.prior import MultiViewPrior
 from guidance.multiview_sds import MultiViewSDS
 from guidance.multiview.unet import MultiViewUNetConfig
 
@@ -72,6 +73,7 @@ def test_loss_is_finite_and_only_the_render_gets_gradients(image_model_dir, rgba
     inputs = RunInputs(image=load_reference_image(rgba_image, 64))
     g = MultiViewSDS(MultiViewSDS.Config(model=str(image_model_dir)), inputs=inputs)
     assert g.conditioning == "image" and g.convention == "mvdream"
+    assert isinstance(g.prior, MultiViewPrior) and g.model is g.prior.model
     assert g.model.conditioner is None                      # freed after embedding
     assert g.context_cond.shape == (1, 1, 32) and g.context_cond.abs().sum() > 0
     assert torch.equal(g.context_uncond, torch.zeros_like(g.context_uncond))
@@ -101,10 +103,11 @@ def test_text_model_needs_a_prompt_and_uses_it(text_model_dir):
 
 def test_timestep_range_reads_the_run_clock_across_stages(image_model_dir, rgba_image,
                                                          monkeypatch):
-    from guidance.multiview import sds
+    from guidance.multiview import noise
 
     seen = []
-    monkeypatch.setattr(sds, "sample_timestep", lambda lo, hi, g=None: seen.append((lo, hi)) or lo)
+    monkeypatch.setattr(noise, "sample_timestep",
+                        lambda lo, hi, g=None: seen.append((lo, hi)) or lo)
     inputs = RunInputs(image=load_reference_image(rgba_image, 64))
     rgb = torch.rand(4, 16, 16, 3)
     second_stage = StepInfo("dmtet", 1, 0, 5000, 10000)
@@ -201,7 +204,7 @@ def test_missing_weights_fail_at_start_with_one_line(rgba_image, tmp_path, capsy
                f"image={rgba_image}", f"out={out}"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and "\n" not in err
-    assert "stages.coarse.guidance.multiview.model" in err or "guidance.multiview.model" in err
+    assert "stages.coarse.guidance.model" in err or "guidance.model" in err
     assert not out.exists()                                 # nothing started
 
 
@@ -239,7 +242,7 @@ def tiny_isotropic3d_args(model: Path, image: Path, out: Path) -> list:
             f"stages.dmtet.representation.color={small_grid}"]
     for stage in ("nerf", "dmtet"):
         args += [f"stages.{stage}.steps=2", f"stages.{stage}.resolution=16",
-                 f"stages.{stage}.cameras.groups=1", f"stages.{stage}.guidance.multiview.model={model}"]
+                 f"stages.{stage}.cameras.groups=1", f"stages.{stage}.guidance.model={model}"]
     args += [f"stages.nerf.representation.hash_grid={small_grid}",
              "stages.nerf.representation.samples_per_ray=8",
              "stages.nerf.representation.isosurface_threshold=5"]
@@ -269,4 +272,4 @@ def test_isotropic3d_without_weights_stops_at_once(rgba_image, tmp_path, capsys)
     args = tiny_isotropic3d_args(tmp_path / "missing-weights", rgba_image, out)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "stages.nerf.guidance.multiview.model" in err and not out.exists()
+    assert "stages.nerf.guidance.model" in err and not out.exists()

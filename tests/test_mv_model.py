@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine.errors import ConfigError, UserError
-from guidance.conditioners import (OpenCLIPImageConditioner, OpenCLIPTextConditioner,
-                                   build_openclip, tiny_openclip_config)
+from guidance.conditioners import OpenCLIPImageConditioner, OpenCLIPTextConditioner
+from guidance.multiview.openclip import build_openclip, tiny_openclip_config
 from guidance.multiview.model import INDEX_FILE, MultiViewDiffusionModel
 from guidance.multiview.unet import MultiViewUNetConfig
 
@@ -188,7 +188,7 @@ def test_missing_or_corrupt_folders_are_user_errors(latent_model, tmp_path):
 
 
 def test_v_prediction_round_trip_and_predict_noise_converts():
-    from guidance.multiview.model import eps_from_v, v_target
+    from guidance.multiview.noise import eps_from_v, v_target
 
     model = MultiViewDiffusionModel.build_random(unet_cfg(3), "pixel", seed=0, init_std=0.05,
                                                  conditioner=image_conditioner(),

@@ -169,6 +169,11 @@ def test_damaged_checkpoint_is_a_user_error(rgba_image, tmp_path, capsys):
     (["recipe=fit-image", "--fast"], "unknown option --fast"),
     (["resume=/nonexistent/run"], "does not exist"),
     (["image=x.png"], "no recipe given"),
+    (["recipie=fit-image"], "did you mean 'recipe'?"),
+    (["recipe=fit-image", "recipe=nope"], "recipe is given twice"),
+    (["recipe=fit-image", "--dry-run=yes"], "--dry-run takes no value"),
+    (["recipe=fit-image", "stages.fit.steps"], "'stages.fit.steps' is not key=value"),
+    (["recipe=fit-image", "device=gpu"], "device"),
 ])
 def test_user_errors_exit_2_with_one_line(args, words, capsys):
     assert main(args) == 2
@@ -185,6 +190,19 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and "not an image" in proc.stderr
 
 
+def test_resolve_device():
+    import torch
+
+    from engine.errors import ConfigError
+    from engine.run import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda:0")
+
+
 def test_list_and_dry_run(capsys):
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
@@ -192,8 +210,11 @@ def test_list_and_dry_run(capsys):
     assert main(["recipe=fit-image", "seed=7", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "seed: 7" in out and "blob_radius: 0.5" in out
-    assert main(["--help"]) == 0
+    with pytest.raises(SystemExit) as exit_info:    # --help exits 0, as every command
+        main(["--help"])
+    assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+    assert main([]) == 0 and "usage:" in capsys.readouterr().out
 
 
 def test_run_exports_a_textured_mesh_and_turntable(rgba_image, tmp_path, capsys):

@@ -11,6 +11,7 @@ from engine.config import PROJECT_ROOT
 from engine.errors import ConfigError
 from engine.plugin import ReferenceImage, RunInputs, StepInfo
 from guidance import sampled_views as sv
+from guidance.multiview import targets
 from representations.lib.encodings import HashGridConfig
 from representations.nerf import NeRF, NeRFConfig, OccupancyConfig
 
@@ -37,9 +38,9 @@ def test_mask_from_white_reads_grain_as_background_and_pale_colours_as_object():
                         [0.86, 0.86, 0.86],    # half-way up the ramp (deficit 0.14)
                         [0.74, 0.74, 0.76],    # the toy world's grey
                         [0.96, 0.84, 0.12]])   # yellow: only its blue channel is far from 1
-    mask = sv.mask_from_white(rgb.view(1, 5, 1, 3), 0.08, 0.2).flatten()
+    mask = targets.mask_from_white(rgb.view(1, 5, 1, 3), 0.08, 0.2).flatten()
     assert torch.allclose(mask, torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]), atol=1e-5)
-    clean, m = sv.clean_views(rgb.view(1, 5, 1, 3), 0.08, 0.2)
+    clean, m = targets.clean_views(rgb.view(1, 5, 1, 3), 0.08, 0.2)
     assert torch.equal(clean.view(5, 3)[1], torch.ones(3))          # grain -> white
     assert torch.allclose(clean.view(5, 3)[3], rgb[3])              # object kept
 
@@ -51,7 +52,7 @@ def test_match_error_ranks_the_candidate_that_looks_like_the_picture_first():
     red = mask * torch.tensor([0.9, 0.1, 0.1]) + (1 - mask)
     views = torch.stack([red, shifted[0], rgb])
     masks = torch.stack([mask, shifted[1], mask])
-    err = sv.match_error(views, masks, rgb, mask)
+    err = targets.match_error(views, masks, rgb, mask)
     assert err[2] == 0 and err[1] > 0 and err[0] > 0
     assert int(err.argmin()) == 2
 
@@ -199,5 +200,5 @@ def test_sample_cli_keeps_the_candidate_most_like_the_picture(fake_sampler, tmp_
     assert views.shape[0] == 4
     middle = views[0, 16, 16].astype(int)          # seed 2's colour, the picture's
     assert abs(middle - np.array([51, 76, 230])).max() <= 3, middle
-    assert main([f"prompt=a mug", f"out={grid}", f"model={STAGE2}", "candidates=2"]) == 2
+    assert main(["prompt=a mug", f"out={grid}", f"model={STAGE2}", "candidates=2"]) == 2
     assert "needs image=PATH" in capsys.readouterr().err

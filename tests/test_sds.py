@@ -1,9 +1,10 @@
-"""SDS maths: schedules, the reconstruction and classic forms, their gradients."""
+"""SDS maths: schedules, the reconstruction and classic forms, their gradients; the noise
+maths they use (guidance.multiview.noise)."""
 
 import pytest
 import torch
 
-from guidance.multiview import sds
+from guidance.multiview import noise, sds
 from guidance.multiview_sds import MultiViewSDS
 
 
@@ -26,7 +27,7 @@ def test_annealed_timestep_range_follows_the_config():
 
 def test_sample_timestep_is_uniform_on_the_closed_range():
     gen = torch.Generator().manual_seed(0)
-    ts = [sds.sample_timestep(10, 12, gen) for _ in range(300)]
+    ts = [noise.sample_timestep(10, 12, gen) for _ in range(300)]
     assert set(ts) == {10, 11, 12}
 
 
@@ -36,8 +37,8 @@ def test_reconstruction_gradient_is_x0_minus_rescaled_prediction():
     views, objects = 4, 2
     x0 = torch.randn(objects * views, 4, 8, 8, requires_grad=True)
     t = torch.full((8,), 600)
-    noise = torch.randn_like(x0)
-    x_t = sds.add_noise(x0.detach(), noise, t, a)
+    eps = torch.randn_like(x0)
+    x_t = noise.add_noise(x0.detach(), eps, t, a)
     eps_c, eps_u = torch.randn_like(x0), torch.randn_like(x0)
     eps_g = sds.classifier_free_guidance(eps_u, eps_c, 10.0)
     loss = sds.reconstruction_loss(x0, x_t, t, eps_g, eps_c, a, views, std_rescale=0.5)
@@ -66,7 +67,7 @@ def test_full_std_rescale_matches_the_conditional_std_per_object():
     loss = sds.reconstruction_loss(x0, x_t, t, eps_g, eps_c, a, 4, std_rescale=1.0)
     loss.backward()
     target = -x0.grad * 8                                  # x0 = 0 so grad = -x0_hat / N
-    cond = sds.predict_x0(x_t, eps_c, t, a)
+    cond = noise.predict_x0(x_t, t, eps_c, a)
     for o in range(2):
         assert target[4 * o:4 * o + 4].std().item() == pytest.approx(
             cond[4 * o:4 * o + 4].std().item(), rel=1e-4)
@@ -77,18 +78,24 @@ def test_classic_gradient_is_weighted_noise_residual():
     a = alphas()
     x0 = torch.randn(4, 4, 8, 8, requires_grad=True)
     t = torch.tensor([100, 100, 100, 100])
-    noise, eps = torch.randn_like(x0), torch.randn_like(x0)
-    sds.classic_loss(x0, noise, t, eps, a).backward()
-    torch.testing.assert_close(x0.grad, (1 - a[100]) * (eps - noise) / 4, rtol=1e-5, atol=1e-6)
+    eps_true, eps = torch.randn_like(x0), torch.randn_like(x0)
+    sds.classic_loss(x0, eps_true, t, eps, a).backward()
+    torch.testing.assert_close(x0.grad, (1 - a[100]) * (eps - eps_true) / 4, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_add_noise_and_predict_x0_invert_each_other():
     a = alphas()
-    x0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    x0, eps = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     t = torch.tensor([0, 500, 999])
-    x_t = sds.add_noise(x0, noise, t, a)
-    torch.testing.assert_close(sds.predict_x0(x_t, noise, t, a), x0, rtol=1e-3, atol=1e-3)
+    x_t = noise.add_noise(x0, eps, t, a)
+    torch.testing.assert_close(noise.predict_x0(x_t, t, eps, a), x0, rtol=1e-3, atol=1e-3)
 
+
+def test_timestep_bounds_are_clamped_integers():
+    assert noise.timestep_bounds(0.02, 0.98) == (20, 980)
+    assert noise.timestep_bounds(0.5, 2.0) == (500, noise.NUM_TRAIN_TIMESTEPS - 1)
+    assert noise.timestep_bounds(0.9, 0.1) == (100, 100)
 
 
 def test_schedule_clock_is_validated():

@@ -9,6 +9,9 @@ import pytest
 from engine.evaluate import view_scores as vs
 from engine.config import PROJECT_ROOT
 
+# trained-model behaviour: full samplings and shortened recipes (minutes)
+pytestmark = pytest.mark.slow
+
 MODELS = PROJECT_ROOT / "models" / "toy"
 EXAMPLES = PROJECT_ROOT / "examples" / "toy"
 NAMES = ("red-mug", "pink-vase", "brown-box", "blue-mushroom")
@@ -58,7 +61,9 @@ def test_shipped_models_are_the_documented_chain():
     assert stage2.info.conditioning == "image" and stage2.info.space == "pixel"
     assert MultiViewDiffusionModel.from_pretrained(MODELS / "text").info.conditioning == "text"
     record = json.loads((MODELS / "manifest.json").read_text())
-    assert record["command"].startswith("python -m guidance.training.toy_models")
+    # the record keeps the command as it was run (the chain was then engine.toy_models)
+    assert record["command"].startswith(("python -m engine.toy_models",
+                                         "python -m guidance.training.toy_models"))
     for f in MODELS.rglob("*"):
         assert f.suffix not in (".pt", ".pth", ".ckpt", ".bin"), f"pickled weights: {f}"
 

@@ -17,8 +17,9 @@ def chain(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_chain_produces_loadable_models(chain):
-    from guidance.conditioners import OpenCLIPImageConditioner
+    from guidance.conditioners import conditioner_for
     from guidance.multiview.model import MultiViewDiffusionModel
 
     models = chain / "models"
@@ -29,7 +30,7 @@ def test_chain_produces_loadable_models(chain):
     text = MultiViewDiffusionModel.from_pretrained(models / "text")
     assert text.info.conditioning == "text"
     # the stage-2 model's cross-attention takes the CLIP image embedding as its whole context
-    clip = OpenCLIPImageConditioner.from_pretrained(models / "clip")
+    clip = conditioner_for("image").from_pretrained(models / "clip")
     assert stage2.unet.config.cross_attention_dim == clip.embed_dim
     # width 2 doubled the shipped recipe's channels and heads; stages 1 and 2 inherited them
     stage1 = MultiViewDiffusionModel.from_pretrained(models / "stage1")
@@ -45,6 +46,7 @@ def test_chain_produces_loadable_models(chain):
         assert read_yaml(runs / name / "config.yaml")["batch_size"] == 2, name
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_trainings(chain, capsys):
     assert main([f"out={chain / 'models'}", f"data={chain / 'data'}", "count=6", "heldout=1",
                  "steps_scale=0.001", "width=2", "batch=2"]) == 0
@@ -61,6 +63,7 @@ def test_bad_keys_are_user_errors(capsys):
     assert "width must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_manifest_records_command_and_trainings(chain):
     import json
 

@@ -4,3 +4,5 @@
 """
 
 from engine.evaluate.command import main  # noqa: F401
+
+__all__ = ["main"]

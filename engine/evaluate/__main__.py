@@ -1,3 +1,5 @@
+import sys
+
 from engine.evaluate.command import main
 
-main()
+sys.exit(main())

@@ -5,8 +5,8 @@
         [key=value overrides for every run]
 
 Every recipe runs in-process (engine.run.main) on the canonical front view (r0.png) of the
-first N held-out objects of a fixed toy-world dataset (engine/toy_world.py; generated into
-DIR/data unless data= names one). Each row is scored by
+first N held-out objects of a fixed toy-world dataset (engine/datasets/toy_world.py;
+generated into DIR/data unless data= names one). Each row is scored by
 
 * mesh metrics of the exported mesh against the object's mesh.obj (engine.evaluate.metrics), and
 * PSNR / SSIM of the object's group views (never the input) rendered from the final
@@ -39,7 +39,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from guidance.training.toy_models import DATA_SIZE, DEFAULTS as TOY_MODELS_DEFAULTS
 
 INITIAL = "initial"
-BENCH_KEYS = ("bench", "recipe", "out", "objects", "seed", "data", "initial_from", "samples")
+# run settings every row sets itself (engine.config's full keys, after its short keys)
+ROW_KEYS = ("inputs.image", "output.dir", "resume")
 # the held-out split of the dataset the shipped toy models were trained on (python -m
 # guidance.training.toy_models defaults), unseen by them. Object i is the same whatever the count, and
 # the held-out objects are drawn among the first heldout_pool (0: all), so a world of
@@ -54,6 +55,25 @@ RUN_DEFAULTS = ("output.progress=false",)
 
 # -- arguments ----------------------------------------------------------------------------
 
+def command():
+    """The benchmark's keys; every other key=value item is an override sent to every run."""
+    from engine.cli import Command, Key
+
+    _, lines, rest = __doc__.split("\n\n", 2)
+    usage = f"usage: {lines.strip()}\n\n{rest}"
+    return Command("python -m engine.evaluate bench=toy", usage, [
+        Key("bench", str, required=True, choices=("toy",), help="the benchmark: toy"),
+        Key("recipe", str, repeat=True, required=True,
+            help="a recipe to run (repeat for a table; initial: the untrained shape)"),
+        Key("out", str, "outputs/bench-toy", help="folder for the tables and runs"),
+        Key("objects", int, 4, help=f"held-out objects, 1 to {DATA_HELDOUT}"),
+        Key("seed", int, 0, help="the toy world's seed"),
+        Key("data", str, help="an existing toy dataset (default: made in OUT/data)"),
+        Key("initial_from", str, "fit-image", help="the recipe whose shape recipe=initial is"),
+        Key("samples", int, 10000, help="surface points per mesh (>= 100)"),
+    ], passthrough=True)
+
+
 def parse_args(argv: Sequence[str]) -> dict:
     """``key=value`` items -> settings dict; benchmark keys apart from run overrides.
 
@@ -61,35 +81,20 @@ def parse_args(argv: Sequence[str]) -> dict:
     from engine import config
     from engine.errors import ConfigError, did_you_mean
 
-    args = {"bench": None, "recipes": [], "out": "outputs/bench-toy", "objects": 4, "seed": 0,
-            "data": None, "initial_from": "fit-image", "samples": 10000, "overrides": []}
-    for item in argv:
-        if "=" not in item:
-            raise ConfigError(f"'{item}' is not key=value; usage: python -m engine.evaluate "
-                              "bench=toy recipe=NAME [recipe=NAME ...] [out=DIR] [objects=N]")
-        key, value = item.split("=", 1)
-        if key == "recipe":
-            args["recipes"].append(value)
-        elif key in ("objects", "seed", "samples"):
-            try:
-                args[key] = int(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected an integer, got '{value}'") from None
-        elif key in BENCH_KEYS:
-            args[key] = value
-        else:
-            args["overrides"].append(item)
-    if args["bench"] != "toy":
-        raise ConfigError(f"bench={args['bench']}: the only benchmark is bench=toy")
-    if not args["recipes"]:
-        raise ConfigError("no recipe given: add recipe=NAME (and more recipe= for a table)")
+    cmd = command()
+    parsed = cmd.parse(argv)
+    args = {**parsed.as_dict(), "overrides": list(parsed.rest)}
+    args["recipes"] = args.pop("recipe")
+    # malformed items fail here
+    for item, (key, _) in zip(args["overrides"], config.parse_overrides(args["overrides"])):
+        if key in ROW_KEYS:
+            raise ConfigError(f"'{item}': the benchmark sets {key} for every row; drop it")
     if not 1 <= args["objects"] <= DATA_HELDOUT:
         raise ConfigError(f"objects: must be in [1, {DATA_HELDOUT}], got {args['objects']}")
     if args["samples"] < 100:
         raise ConfigError(f"samples: must be >= 100 surface points, got {args['samples']}")
     if len(set(args["recipes"])) != len(args["recipes"]):
         raise ConfigError("a recipe is listed twice")
-    config.parse_overrides(args["overrides"])   # malformed items fail here
     known = config.available_recipes()
     for name in args["recipes"] + [args["initial_from"]]:
         if name != INITIAL and name not in known and Path(name).suffix not in (".yaml", ".yml"):
@@ -97,8 +102,11 @@ def parse_args(argv: Sequence[str]) -> dict:
                               f"; known: {', '.join(sorted([*known, INITIAL]))}")
     # every recipe must accept the overrides (an unknown key is a user error, not a row error)
     for name in args["recipes"]:
-        config.load(args["initial_from"] if name == INITIAL else name,
-                    list(RUN_DEFAULTS) + args["overrides"] + ["image=front.png"])
+        try:
+            config.load(args["initial_from"] if name == INITIAL else name,
+                        list(RUN_DEFAULTS) + args["overrides"] + ["image=front.png"])
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{cmd.misspelt(args['overrides'])}") from None
     return args
 
 
@@ -486,4 +494,4 @@ def run(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     from engine.errors import run_cli
 
-    return run_cli(run, sys.argv[1:] if argv is None else argv)
+    return run_cli(run, sys.argv[1:] if argv is None else argv)   # --help: SystemExit(0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -203,3 +203,23 @@ def load_mesh(path: str) -> trimesh.Trimesh:
 def compare_files(pred_path: str, ref_path: str, **kwargs) -> MeshScores:
     return compare_meshes(load_mesh(pred_path), load_mesh(ref_path), **kwargs)
 
+
+@torch.no_grad()
+def heldout_psnr(rep, background, views, size: int,
+                 indices: Optional[List[int]] = None) -> List[float]:
+    """PSNR (dB) of ``rep``'s renders against ``views``, the
+    :class:`guidance.dataset_views.ObjectViews` of one dataset object (default: its held-out
+    references)."""
+    from engine.plugin import StepInfo as Info
+
+    indices = views.heldout_indices() if indices is None else indices
+    rep.eval()
+    background.eval()
+    out = []
+    for i in indices:
+        cam = views.cameras[torch.tensor([i])]
+        render = rep.render(cam, size, size, background=background, step=Info("eval", 0, 0, 1, 0))
+        target = F.interpolate(views.rgb[i:i + 1].permute(0, 3, 1, 2), size=(size, size),
+                               mode="bilinear", align_corners=False, antialias=True)
+        out.append(psnr(render["rgb"][0].cpu(), target[0].permute(1, 2, 0)))
+    return [x if math.isfinite(x) else 99.0 for x in out]

@@ -1,8 +1,8 @@
 """Convert a released MVDream ``.pt`` / Isotropic3D ``.ckpt`` into a converted model folder.
 
-    python -m guidance.multiview.convert SRC OUT [--unet sd21-base|CONFIG.json]
-        [--convention auto|mvdream|isotropic3d-release] [--clip ViT-H-14|CONFIG.json]
-        [--dtype keep|fp32|fp16|bf16] [--allow-missing]
+    python -m guidance.multiview.convert SRC OUT [unet=sd21-base|CONFIG.json]
+        [convention=auto|mvdream|isotropic3d-release] [clip=ViT-H-14|CONFIG.json]
+        [dtype=keep|fp32|fp16|bf16] [allow_missing=true]
 
 The checkpoint is a plain state dict in the original LDM naming, read with
 ``torch.load(weights_only=True)`` (a pickle holding anything but tensors and containers is
@@ -19,13 +19,13 @@ refused). Keys are split by prefix:
   schedule; ``model_ema.*`` is reported as ignored.
 
 Nothing is dropped silently: keys that match no prefix, keys a converter did not consume, and
-keys a module did not take are listed; missing keys fail the conversion (exit 1) unless
-``--allow-missing`` (they then keep their random initialisation).
+keys a module did not take are listed; missing keys fail the conversion (a one-line error,
+exit code 2, nothing written) unless ``allow_missing=true`` (they then keep their random
+initialisation).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -285,7 +285,7 @@ def load_into(factory: Callable[[], nn.Module], state: Dict[str, Tensor], what: 
         result = module.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
         raise UserError(f"{what} tensors do not fit the configured architecture "
-                        f"({_one_line(exc)}); check --unet / --clip") from None
+                        f"({_one_line(exc)}); check unet= / clip=") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing and allow_missing:
         module = factory()
@@ -300,7 +300,7 @@ def _unet_config(spec) -> MultiViewUNetConfig:
         return MultiViewUNetConfig.sd21_base()
     path = Path(spec)
     if not path.is_file():
-        raise UserError(f"--unet: '{spec}' is neither sd21-base nor a JSON file of "
+        raise UserError(f"unet: '{spec}' is neither sd21-base nor a JSON file of "
                         "MultiViewUNetConfig fields")
     return MultiViewUNetConfig(**json.loads(path.read_text()))
 
@@ -317,7 +317,7 @@ def _clip_config(spec) -> dict:
 
     cfg = open_clip.get_model_config(spec)
     if cfg is None:
-        raise UserError(f"--clip: unknown OpenCLIP architecture '{spec}'")
+        raise UserError(f"clip: unknown OpenCLIP architecture '{spec}'")
     return cfg
 
 
@@ -332,8 +332,9 @@ def convert_state_dict(sd: Dict[str, Tensor], unet=None, clip=None,
     for image conditioning (the released Isotropic3D behaviour), "mvdream" otherwise.
     The model has real tensors only when the report has no missing keys or allow_missing.
     """
-    from guidance.conditioners import conditioner_for, load_into_clip
+    from engine.registry import get
     from guidance.multiview.model import ModelInfo, MultiViewDiffusionModel
+    from guidance.multiview.openclip import load_into_clip
     from guidance.multiview.unet import build_unet
 
     unet_cfg = _unet_config(unet)
@@ -391,7 +392,7 @@ def convert_state_dict(sd: Dict[str, Tensor], unet=None, clip=None,
             report.ignored[f"OpenCLIP parts a {kind} conditioner does not use"] = sorted(
                 CLIP_PREFIX + k for k in unused)
         if not missing:
-            conditioner = conditioner_for(kind).from_clip(clip_mod, model_cfg)
+            conditioner = get("conditioner", "openclip-" + kind).from_clip(clip_mod, model_cfg)
     else:
         report.conditioning = None
     report.convention = convention or ("isotropic3d-release" if report.conditioning == "image"
@@ -422,7 +423,7 @@ def convert_file(src, out, unet="sd21-base", clip=None, convention: Optional[str
     if model is None:
         counts = ", ".join(f"{c} {len(k)}" for c, k in report.missing.items() if k)
         raise UserError(f"{src}: missing tensors ({counts}); nothing written (see the summary; "
-                        "--allow-missing keeps random weights for them)")
+                        "allow_missing=true keeps random weights for them)")
     source = {"source": {"path": str(Path(src).resolve()), "size": Path(src).stat().st_size,
                          "mtime": Path(src).stat().st_mtime}}
     model.save_pretrained(out, extra={**source, **(extra or {})})
@@ -431,34 +432,43 @@ def convert_file(src, out, unet="sd21-base", clip=None, convention: Optional[str
     return report
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guidance.multiview.convert",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="MVDream .pt / Isotropic3D .ckpt (LDM naming)")
-    parser.add_argument("out", help="output folder")
-    parser.add_argument("--unet", default="sd21-base",
-                        help="UNet size: sd21-base or a JSON file of MultiViewUNetConfig fields")
-    parser.add_argument("--clip", default="ViT-H-14",
-                        help="OpenCLIP architecture of the conditioner (name or JSON model_cfg)")
-    parser.add_argument("--convention", default="auto",
-                        choices=("auto", "mvdream", "isotropic3d-release"),
-                        help="camera convention stored in the model (auto: isotropic3d-release "
-                             "for image-conditioned checkpoints, mvdream for text)")
-    parser.add_argument("--dtype", default="keep", choices=("keep",) + tuple(DTYPES))
-    parser.add_argument("--allow-missing", action="store_true",
-                        help="write the model even if tensors are missing (random weights)")
-    args = parser.parse_args(argv)
-    try:
-        report = convert_file(args.src, args.out, unet=args.unet, clip=args.clip,
-                              convention=None if args.convention == "auto" else args.convention,
-                              allow_missing=args.allow_missing,
-                              dtype=DTYPES.get(args.dtype))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def command():
+    """The command's positionals SRC OUT and keys (engine.cli)."""
+    from engine.cli import Command, Key
+
+    return Command("python -m guidance.multiview.convert", __doc__, [
+        Key("unet", str, "sd21-base",
+            help="UNet size: sd21-base or a JSON file of MultiViewUNetConfig fields"),
+        Key("clip", str, "ViT-H-14",
+            help="OpenCLIP architecture of the conditioner (name or JSON model_cfg)"),
+        Key("convention", str, "auto", choices=("auto", "mvdream", "isotropic3d-release"),
+            help="camera convention stored in the model (auto: isotropic3d-release for "
+                 "image-conditioned checkpoints, mvdream for text)"),
+        Key("dtype", str, "keep", choices=("keep",) + tuple(DTYPES)),
+        Key("allow_missing", bool, False,
+            help="write the model even if tensors are missing (random weights)"),
+    ], positional=["src", "out"])
+
+
+def run(argv: List[str]) -> int:
+    from engine.cli import Command
+
+    if not argv or Command.wants_help(argv):
+        print(__doc__.strip())
+        return 0
+    args = command().parse(argv)
+    report = convert_file(args.src, args.out, unet=args.unet, clip=args.clip,
+                          convention=None if args.convention == "auto" else args.convention,
+                          allow_missing=args.allow_missing, dtype=DTYPES.get(args.dtype))
     if report.has_missing():
         print("warning: missing tensors kept their random initialisation", file=sys.stderr)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from engine.errors import run_cli
+
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

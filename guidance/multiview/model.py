@@ -1,10 +1,12 @@
 """The frozen multi-view diffusion model: UNet, optional VAE, conditioner, noise schedule.
 
-One object answers everything SDS and sampling need: ``encode`` / ``decode`` between renders
-and the model's space (SD KL-f8 latents scaled by 0.18215, or pixels in [-1, 1]),
-``add_noise`` / ``predict_x0`` on the model's DDPM schedule (MVDream's scaled-linear betas
-0.00085..0.012, 1000 steps, unless the model was trained on another, see
-:data:`NOISE_SCHEDULES`), ``predict_noise`` (the multi-view UNet) and the context embeddings.
+The weights and their folder format: ``encode`` / ``decode`` between renders and the model's
+space (SD KL-f8 latents scaled by 0.18215, or pixels in [-1, 1]), ``add_noise`` /
+``predict_x0`` on the model's DDPM schedule (MVDream's scaled-linear betas 0.00085..0.012,
+1000 steps, unless the model was trained on another, see :data:`NOISE_SCHEDULES`; the maths
+is :mod:`guidance.multiview.noise`), ``predict_noise`` (the multi-view UNet) and the context
+embeddings. Guidance plugins use it through :class:`guidance.multiview.prior.MultiViewPrior`,
+which adds the picture preprocessing and the camera convention.
 
 On disk it is a diffusers-style folder::
 
@@ -30,6 +32,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from engine.errors import ConfigError, UserError, did_you_mean
+from guidance.multiview.cameras import CONVENTIONS
+from guidance.multiview.noise import (NUM_TRAIN_TIMESTEPS, add_noise, eps_from_v, predict_x0,
+                                      v_target)
 from guidance.multiview.unet import MultiViewUNetConfig, build_unet, unet_forward
 
 FORMAT_NAME = "distill-engine-multiview-model"
@@ -37,7 +42,6 @@ FORMAT_VERSION = 1
 INDEX_FILE = "engine_model.json"
 LATENT_SCALE = 0.18215
 SPACES = ("latent", "pixel")
-CONVENTIONS = ("mvdream", "isotropic3d-release")
 CONDITIONINGS = ("image", "text")
 #: what the UNet outputs: MVDream / Isotropic3D predict epsilon; v (Salimans & Ho 2022) suits
 #: small pixel-space models trained from scratch: at high noise it is nearly -x0, so samples
@@ -45,9 +49,9 @@ CONDITIONINGS = ("image", "text")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: the scaled-linear DDPM schedule of Stable Diffusion / MVDream
-SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                        beta_schedule="scaled_linear", prediction_type="epsilon",
-                        clip_sample=False)
+SCHEDULER_KWARGS = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085,
+                        beta_end=0.012, beta_schedule="scaled_linear",
+                        prediction_type="epsilon", clip_sample=False)
 
 #: named noise schedules a model can be trained on (``model.noise_schedule`` of a fine-tuning
 #: recipe, stored in the model's scheduler_config.json): changes to SCHEDULER_KWARGS.
@@ -133,40 +137,6 @@ def scaled_linear_scheduler():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(**SCHEDULER_KWARGS)
-
-
-def _gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
-    """values[t] shaped [N, 1, 1, 1] for broadcasting against ``like`` [N, ...]."""
-    out = values.to(like.device)[t.to(like.device).long()]
-    return out.view(-1, *([1] * (like.dim() - 1)))
-
-
-def add_noise(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise. x0, noise [N, ...]; t [N] integer.
-
-    Differentiable with respect to x0 and noise; computed in float32, returned in x0's dtype.
-    """
-    a = _gather(alphas_cumprod.float(), t, x0)
-    return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
-
-
-def v_target(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """v = sqrt(a_t) noise - sqrt(1 - a_t) x0, the v-prediction target (float32).
-    Differentiable with respect to x0 and noise."""
-    a = _gather(alphas_cumprod.float(), t, x0)
-    return a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()
-
-
-def eps_from_v(x_t: Tensor, t: Tensor, v: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """epsilon = sqrt(a_t) v + sqrt(1 - a_t) x_t. Differentiable with respect to x_t, v."""
-    a = _gather(alphas_cumprod.float(), t, x_t)
-    return (a.sqrt() * v.float() + (1 - a).sqrt() * x_t.float()).to(v.dtype)
-
-
-def predict_x0(x_t: Tensor, t: Tensor, eps: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t). Differentiable with respect to x_t, eps."""
-    a = _gather(alphas_cumprod.float(), t, x_t)
-    return ((x_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()).to(x_t.dtype)
 
 
 class MultiViewDiffusionModel(nn.Module):
@@ -301,11 +271,11 @@ class MultiViewDiffusionModel(nn.Module):
 
     # -- schedule ----------------------------------------------------------------------
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """See :func:`add_noise`."""
+        """:func:`guidance.multiview.noise.add_noise` on this model's schedule."""
         return add_noise(x0, noise, t, self.alphas_cumprod)
 
     def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """See :func:`predict_x0`."""
+        """:func:`guidance.multiview.noise.predict_x0` on this model's schedule."""
         return predict_x0(x_t, t, eps, self.alphas_cumprod)
 
     def predict_output(self, x_t: Tensor, t: Tensor, context: Tensor, camera: Tensor,
@@ -502,6 +472,8 @@ def _load_module(factory, folder: Path, what: str) -> nn.Module:
     return module
 
 
+#: add_noise, predict_x0, v_target, eps_from_v are guidance.multiview.noise's, re-exported
 __all__: List[str] = ["MultiViewDiffusionModel", "ModelInfo", "add_noise", "predict_x0",
-                      "read_index", "scaled_linear_scheduler", "SD_VAE_CONFIG", "FORMAT_NAME",
+                      "v_target", "eps_from_v", "read_index",
+                      "scaled_linear_scheduler", "SD_VAE_CONFIG", "FORMAT_NAME",
                       "FORMAT_VERSION", "INDEX_FILE"]

@@ -29,10 +29,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from engine.config import PROJECT_ROOT
+from engine.resources import toy_model_path
 from engine.errors import UserError
 
-DEFAULT_KEY = "stages.<stage>.guidance.multiview.model"
+DEFAULT_KEY = "stages.<stage>.guidance.model"
 CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".pth", ".safetensors", ".bin")
 
 #: hub id -> (checkpoint file, camera convention of its released code)
@@ -157,8 +157,8 @@ def _resolve(name_or_path: str, key: str, fetch: bool) -> Tuple[Path, str, Optio
     otherwise only look in the local Hugging Face cache (and ask the hub whether it exists)."""
     name = str(name_or_path)
     path = Path(name).expanduser()
-    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
-        path = PROJECT_ROOT / path
+    if not path.is_absolute() and not path.exists() and toy_model_path(path).exists():
+        path = toy_model_path(path)              # the shipped toy models, from any directory
     if path.is_dir():
         return path, "folder", None
     if path.is_file():

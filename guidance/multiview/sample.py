@@ -1,9 +1,9 @@
 """``python -m guidance.multiview.sample``: the views the multi-view model believes in (DDIM + CFG).
 
-    python -m guidance.multiview.sample image=cat.png out=cat-views.png [model=PATH] [steps=50]
-        [scale=10] [elevation=15] [azimuth=0] [views=4] [seed=0] [eta=0] [device=auto]
-        [image_size=256] [object_fraction=0.85] [candidates=1]
-    python -m guidance.multiview.sample prompt="a red chair" out=chair.png model=PATH   # text models
+    python -m guidance.multiview.sample image=cat.png out=cat-views.png [model=PATH]
+        [steps=50] [scale=10] [elevation=15] [azimuth=0] [views=4] [seed=0] [eta=0]
+        [device=auto] [image_size=256] [object_fraction=0.85] [candidates=1]
+    python -m guidance.multiview.sample prompt="a red chair" out=chair.png model=PATH  # text
 
 The quick 2D preview before a long 3D run: if these views are wrong, the 3D result will be.
 Angles use the engine's convention (azimuth 0 on +x); views are 360/views degrees apart.
@@ -12,61 +12,61 @@ view (at ``azimuth``) looks most like the picture, its background cleaned to whi
 the views recipe isotropic3d-toy-views fits (with image_size=64 object_fraction=0.7
 elevation=0 scale=1 steps=30 candidates=4, its inputs and views-stage settings).
 Writes a PNG grid (the input picture first when there is one) and prints its path.
+
+The model is conditioned through :class:`guidance.multiview.prior.MultiViewPrior`, as
+``multiview-sds`` and ``sampled-views`` condition it; :func:`draw_best_group` is the choice
+among candidates that ``sampled-views`` makes too.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import torch
+from torch import Tensor
+
+from guidance.multiview.targets import (MASK_HIGH, MASK_LOW, clean_views, match_error,
+                                        resize_image)
 
 USAGE = __doc__.split("\n\n")[1]
 
 
-@dataclass
-class SampleArgs:
-    out: str
-    image: Optional[str] = None
-    prompt: Optional[str] = None
-    model: str = "pkunliu/Isotropic3D"
-    steps: int = 50
-    scale: float = 10.0
-    elevation: float = 15.0
-    azimuth: float = 0.0
-    views: int = 4
-    seed: int = 0
-    eta: float = 0.0
-    device: str = "auto"
-    image_size: int = 256
-    object_fraction: float = 0.85     # as inputs.object_fraction of a run: match the recipe's
-    candidates: int = 1               # seeds drawn; the group most like the picture is kept
+def command():
+    """The command's keys (engine.cli)."""
+    from engine.cli import Command, Key
+
+    return Command("python -m guidance.multiview.sample", USAGE, [
+        Key("out", str, required=True, help="out=PATH.png, where to write the grid of views"),
+        Key("image", str, help="the input picture (image models)"),
+        Key("prompt", str, help="the prompt (text models)"),
+        Key("model", str, "pkunliu/Isotropic3D", help="converted folder, checkpoint or hub id"),
+        Key("steps", int, 50, help="DDIM steps"),
+        Key("scale", float, 10.0, help="classifier-free guidance scale"),
+        Key("elevation", float, 15.0),
+        Key("azimuth", float, 0.0, help="azimuth of the first view (engine convention)"),
+        Key("views", int, 4),
+        Key("seed", int, 0),
+        Key("eta", float, 0.0, help="DDIM stochasticity"),
+        Key("device", str, "auto", help="auto | cpu | cuda | cuda:N"),
+        Key("image_size", int, 256, help="size the picture is loaded at"),
+        # as inputs.object_fraction of a run: match the recipe's
+        Key("object_fraction", float, 0.85, help="share of the frame the object fills"),
+        Key("candidates", int, 1, help="seeds drawn; the group most like the picture is kept"),
+    ])
 
 
-def parse_args(argv: List[str]) -> SampleArgs:
-    from engine.config import validate
+def parse_args(argv: List[str]):
+    """The checked items of ``argv`` (engine.cli.Args); ConfigError for a mistake."""
     from engine.errors import ConfigError
 
-    values = {}
-    for item in argv:
-        if "=" not in item:
-            raise ConfigError(f"'{item}' is not key=value; usage: {USAGE.strip()}")
-        k, v = item.split("=", 1)
-        values[k] = v
-    if "out" not in values:
-        raise ConfigError("out=PATH.png is required (where to write the grid of views)")
-    if ("image" in values) == ("prompt" in values):
+    args = command().parse(argv)
+    if (args.image is None) == (args.prompt is None):
         raise ConfigError("give exactly one of image=PATH or prompt=TEXT")
-    import yaml
-
-    typed = {k: (v if k in ("out", "image", "prompt", "model", "device") else yaml.safe_load(v))
-             for k, v in values.items()}
-    args = validate(SampleArgs, typed)
     if args.steps < 1 or args.views < 1 or args.candidates < 1:
         raise ConfigError("steps, views and candidates must be >= 1")
-    if args.candidates > 1 and "image" not in values:
+    if args.candidates > 1 and args.image is None:
         raise ConfigError("candidates: choosing among samples needs image=PATH (a prompt has "
                           "no picture to compare with)")
     if not 0.1 <= args.object_fraction <= 1.0:
@@ -126,38 +126,67 @@ def sample_views(model, context_cond, context_uncond, cameras16, num_views: int,
     return model.decode(x).clamp(0, 1)
 
 
+@torch.no_grad()
+def draw_best_group(prior, cond: Tensor, uncond: Tensor, cam16: Tensor, candidates: int,
+                    seed: int, steps: int, scale: float, input_view: Optional[int],
+                    image=None, mask_low: float = MASK_LOW, mask_high: float = MASK_HIGH,
+                    eta: float = 0.0):
+    """Sample ``candidates`` groups of views (seeds ``seed`` .. ``seed + candidates - 1``)
+    from ``prior`` (a :class:`guidance.multiview.prior.MultiViewPrior`) with the contexts
+    ``cond`` / ``uncond`` [1, L, D], and keep the one whose view ``input_view`` is most like
+    ``image`` (a ReferenceImage; ``input_view`` None: the first group).
+
+    Args:
+        cam16: [V, 16] camera vectors of one group. steps, scale, eta: DDIM steps, CFG
+        scale and stochasticity.
+    Returns:
+        (rgb [V, S, S, 3] on pure white, mask [V, S, S, 1], chosen index, errors [K] or None).
+        Not differentiable.
+    """
+    rgbs, masks = [], []
+    for k in range(candidates):
+        g = torch.Generator().manual_seed(seed + k)
+        views = prior.sample(cond, uncond, cam16, steps, scale, eta, g)
+        rgb, mask = clean_views(views.float().permute(0, 2, 3, 1), mask_low, mask_high)
+        rgbs.append(rgb)
+        masks.append(mask)
+    rgbs, masks = torch.stack(rgbs), torch.stack(masks)              # [K, V, S, S, C]
+    if input_view is None:
+        return rgbs[0], masks[0], 0, None
+    size = rgbs.shape[2]
+    errors = match_error(rgbs[:, input_view], masks[:, input_view],
+                         resize_image(image.rgb.to(rgbs), size),
+                         resize_image(image.mask.to(rgbs), size))
+    chosen = int(errors.argmin())
+    return rgbs[chosen], masks[chosen], chosen, errors
+
+
 def run(argv: List[str]) -> int:
     import numpy as np
     from PIL import Image
 
     from engine.cameras import Cameras
+    from engine.cli import Command
     from engine.images import load_reference_image
     from engine.outputs import to_uint8
-    from engine.plugin import RunInputs
-    from engine.run import _resolve_device
-    from guidance.multiview.cameras import camera_vectors
-    from guidance.multiview_sds import MultiViewSDS
-    from guidance.multiview.pretrained import load_multiview_model
+    from engine.run import resolve_device
+    from guidance.multiview.prior import MultiViewPrior
 
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or Command.wants_help(argv):
         print(USAGE)
         return 0
     args = parse_args(argv)
-    device = _resolve_device(args.device)
-    model = load_multiview_model(args.model, device=device)
+    device = resolve_device(args.device)
+    prior = MultiViewPrior.load(args.model, device=device, dtype=None)   # as saved
     image = (load_reference_image(args.image, args.image_size, args.object_fraction)
              if args.image else None)
-    guidance = MultiViewSDS(MultiViewSDS.Config(model=args.model, keep_conditioner=True),
-                            device=device, inputs=RunInputs(image=image, prompt=args.prompt),
-                            model=model)
+    cond, uncond = prior.contexts(image, args.prompt, who="python -m guidance.multiview.sample")
     az = args.azimuth + torch.arange(args.views, dtype=torch.float32) * 360.0 / args.views
     cams = Cameras.from_spherical(args.elevation, az, 1.0, 40.0, views_per_object=args.views)
     # sampling always uses the correct cameras; the release's double conversion was an SDS bug
-    cam16 = camera_vectors(cams, "mvdream").to(device)
+    cam16 = prior.camera_vectors(cams, "mvdream")
     if args.candidates > 1:
-        from guidance.sampled_views import draw_best_group
-
-        rgb, _, chosen, errors = draw_best_group(guidance, cam16, args.views, args.candidates,
+        rgb, _, chosen, errors = draw_best_group(prior, cond, uncond, cam16, args.candidates,
                                                  args.seed, args.steps, args.scale, 0, image,
                                                  eta=args.eta)
         print(f"kept seed {args.seed + chosen} of {args.seed}..{args.seed + args.candidates - 1}"
@@ -165,8 +194,7 @@ def run(argv: List[str]) -> int:
         views = rgb.permute(0, 3, 1, 2)
     else:
         gen = torch.Generator().manual_seed(args.seed)
-        views = sample_views(model, guidance.context_cond, guidance.context_uncond, cam16,
-                             args.views, args.steps, args.scale, args.eta, gen)
+        views = prior.sample(cond, uncond, cam16, args.steps, args.scale, args.eta, gen)
     tiles = [to_uint8(v.permute(1, 2, 0)) for v in views]
     if image is not None:
         ref = torch.nn.functional.interpolate(image.rgb.permute(2, 0, 1)[None],

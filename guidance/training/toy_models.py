@@ -1,13 +1,14 @@
 """``python -m guidance.training.toy_models``: re-create the toy models from scratch, seeded.
 
-    python -m guidance.training.toy_models [out=models/toy] [data=data/toy] [count=200] [heldout=20]
-        [heldout_pool=0] [seed=0] [steps_scale=1.0] [width=1] [batch=0] [device=auto]
-        [threads=0]
+    python -m guidance.training.toy_models [out=models/toy] [data=data/toy] [count=200]
+        [heldout=20] [heldout_pool=0] [seed=0] [steps_scale=1.0] [width=1] [batch=0]
+        [device=auto] [threads=0]
 
 The chain (../shared/DESIGN.md section 5), each step through the same commands a user runs:
 
 1. the toy world (``engine.datasets.toy_world``) into ``data`` unless it is already there;
-2. ``recipes/finetune/toy-clip``: a tiny OpenCLIP trained contrastively on renders + captions;
+2. ``recipes/finetune/toy-clip`` (``python -m guidance.training``): a tiny OpenCLIP trained
+   contrastively on renders + captions;
 3. ``toy-text``: a pixel-space text-to-multi-view model trained from scratch (MVDream analogue);
 4. ``toy-image``: Isotropic3D stage 1 (the CLIP image embedding replaces the text);
 5. ``toy-ema``: Isotropic3D stage 2 (explicit multi-view attention with the clean reference).
@@ -39,22 +40,32 @@ DEFAULTS = dict(out="models/toy", data="data/toy", count=200, heldout=20, heldou
 DATA_SIZE = 64
 
 
-def parse(argv: List[str]) -> dict:
-    from engine.errors import ConfigError, did_you_mean
+def command():
+    """The chain's keys, with :data:`DEFAULTS`."""
+    from engine.cli import Command, Key
 
-    args = dict(DEFAULTS)
-    for item in argv:
-        if "=" not in item:
-            raise ConfigError(f"'{item}' is not key=value; keys: {', '.join(DEFAULTS)}")
-        key, value = item.split("=", 1)
-        if key not in DEFAULTS:
-            raise ConfigError(f"unknown key '{key}'{did_you_mean(key, DEFAULTS)}; keys: "
-                              f"{', '.join(DEFAULTS)}")
-        kind = type(DEFAULTS[key])
-        try:
-            args[key] = kind(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected {kind.__name__}, got '{value}'") from None
+    d = DEFAULTS
+    return Command("python -m guidance.training.toy_models", __doc__, [
+        Key("out", str, d["out"], help="folder of the models"),
+        Key("data", str, d["data"], help="the toy world's folder (made when missing)"),
+        Key("count", int, d["count"], help="objects in the toy world"),
+        Key("heldout", int, d["heldout"], help="held-out objects"),
+        Key("heldout_pool", int, d["heldout_pool"],
+            help="draw the held-out objects among the first N (0: all)"),
+        Key("seed", int, d["seed"], help="seed of the world and of the trainings"),
+        Key("steps_scale", float, d["steps_scale"], help="scales every training's steps"),
+        Key("width", int, d["width"], help="multiplies the UNet's channels and heads"),
+        Key("batch", int, d["batch"], help="diffusion trainings' batch size (0: the recipes')"),
+        Key("device", str, d["device"], choices=("auto", "cpu"), help="auto or cpu"),
+        Key("threads", int, d["threads"], help="torch threads on CPU (0: torch's default)"),
+    ])
+
+
+def parse(argv: List[str]) -> dict:
+    from engine.errors import ConfigError
+
+    parsed = command().parse(argv)
+    args = {key: parsed[key] for key in DEFAULTS}
     if args["count"] < 2 or not 1 <= args["heldout"] < args["count"]:
         raise ConfigError("count must be >= 2 and 1 <= heldout < count")
     if not (args["heldout_pool"] == 0 or args["heldout"] <= args["heldout_pool"] <= args["count"]):
@@ -67,9 +78,9 @@ def parse(argv: List[str]) -> dict:
 
 
 def _recipe(recipe: str) -> dict:
-    from engine.config import RECIPES_DIR, read_yaml
+    from engine.recipes import find_recipe
 
-    return read_yaml(RECIPES_DIR / "finetune" / f"{recipe}.yaml")
+    return find_recipe(recipe, "finetune", "fine-tuning recipe")[1]
 
 
 def _steps(recipe: str, scale: float) -> int:
@@ -86,11 +97,15 @@ def _widened_unet(recipe: str, width: int) -> List[str]:
 
 
 def run(argv: List[str]) -> int:
-    from guidance.training import finetune
-    from engine.datasets import toy_world
     from engine.checkpoint import atomic_write_text
+    from engine.cli import Command
+    from engine.datasets import toy_world
     from engine.errors import RunAborted
+    from guidance.training.command import main as train
 
+    if Command.wants_help(argv):
+        print(__doc__)
+        return 0
     args = parse(argv)
     out, data = Path(args["out"]), Path(args["data"])
     if not (data / "dataset.json").is_file():
@@ -122,7 +137,7 @@ def run(argv: List[str]) -> int:
             items.append(f"model.init={models['stage1']}")
         if (runs / name).exists():          # a half-finished run: continue it
             items = [f"resume={runs / name}"]
-        code = finetune.main(items)
+        code = train(items)
         if code != 0:
             raise RunAborted(f"training {name} ({recipe}) exited with {code}; run "
                              "python -m guidance.training.toy_models again to continue")

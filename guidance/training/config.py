@@ -1,0 +1,237 @@
+"""Fine-tuning configuration: the typed recipe (``FinetuneConfig`` and its parts), its
+validation (every mistake one line naming the key), and reading a recipe plus ``key=value``
+overrides into it.
+
+A recipe is ``recipes/finetune/NAME.yaml`` (found through :func:`engine.recipes.find_recipe`)
+or any YAML path; the keys are the fields below, dotted on the command line
+(``steps=200 model.unet.block_out_channels=[64,128,256]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from omegaconf import MISSING, OmegaConf
+
+from engine.errors import ConfigError, did_you_mean
+
+MODES = ("text", "image", "ema", "clip")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+LOSS_WEIGHTINGS = ("uniform", "min-snr")
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING                  # dataset folder (dataset.json inside)
+    split: Optional[str] = "train"       # null: every object
+    image_size: Optional[int] = None     # null: the model's input size (clip: the files')
+    num_views: int = 4                   # views per joint-attention group (V)
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError(f"image_size: must be >= 8, got {self.image_size}")
+        if self.num_views < 1:
+            raise ConfigError(f"num_views: must be >= 1, got {self.num_views}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ConditionerConfig:
+    model: str = MISSING                 # OpenCLIP folder (a clip run's model/) | arch | hf-hub:
+    pretrained: str = ""                 # tag or weights file, with an architecture name
+    # image modes: the context, pooled (Isotropic3D: one token [B, 1, D]) | patches (the pooled
+    # token then every patch token, [B, 1 + P, D]: where the parts are); saved with the model
+    tokens: str = "pooled"
+
+    def __post_init__(self):
+        from guidance.multiview.openclip import IMAGE_TOKENS
+
+        if self.tokens not in IMAGE_TOKENS:
+            raise ConfigError(f"model.conditioner.tokens: must be one of "
+                              f"{', '.join(IMAGE_TOKENS)}, got {self.tokens!r}")
+
+
+@dataclass
+class ModelConfig:
+    init: str = "random"                 # random | PATH of a saved model (clip: OpenCLIP folder)
+    space: str = "pixel"                 # init random: pixel | latent
+    unet: Dict[str, Any] = field(default_factory=dict)  # multiview.unet.MultiViewUNetConfig
+    vae: Optional[Dict[str, Any]] = None  # init random, latent: AutoencoderKL kwargs
+    conditioner: Optional[ConditionerConfig] = None  # null: the one saved with model.init
+    # init random: what the UNet predicts, epsilon (MVDream) | v_prediction (small pixel models
+    # learn clean samples sooner); a loaded model keeps its own
+    prediction_type: str = "epsilon"
+    # init random: the noise schedule it trains on, scaled-linear (MVDream's) |
+    # zero-terminal-snr (guidance.multiview.model.NOISE_SCHEDULES; needs v_prediction); a
+    # loaded model keeps its own
+    noise_schedule: str = "scaled-linear"
+    # clip, init random: the OpenCLIP model_cfg ({}: guidance.multiview.openclip's tiny one)
+    clip: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.space not in ("pixel", "latent"):
+            raise ConfigError(f"space: '{self.space}' is not pixel or latent"
+                              f"{did_you_mean(self.space, ('pixel', 'latent'))}")
+        if not self.init:
+            raise ConfigError("init: 'random' or the path of a saved model")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"prediction_type: '{self.prediction_type}' is not epsilon or "
+                              "v_prediction")
+        from guidance.multiview.model import check_noise_schedule
+
+        check_noise_schedule(self.noise_schedule, self.prediction_type)
+
+
+@dataclass
+class FinetuneConfig:
+    recipe: str = ""
+    description: str = ""
+    mode: str = MISSING                  # text | image | ema | clip
+    data: DataConfig = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int = 1000
+    batch_size: int = 4                  # objects per step and process
+    lr: float = 1e-4
+    warmup: int = 0                      # linear warm-up steps, then lr_schedule
+    lr_schedule: str = "constant"        # constant | cosine (half cosine to 0 at the last step)
+    # exponential moving average of the weights, saved as the model and sampled from (0: off;
+    # 0.999 averages ~ the last 1000 steps). Not to be confused with mode ema, which is
+    # Isotropic3D's explicit multi-view attention.
+    average_decay: float = 0.0
+    weight_decay: float = 0.0            # AdamW; never on biases, norms and the logit scale
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0               # max gradient norm (0: off)
+    cfg_dropout: float = 0.1             # probability of the unconditional context
+    # per-timestep weight of the diffusion loss: uniform (plain MSE on the UNet's target) |
+    # min-snr (Hang et al. 2023: as if the loss were on x0 weighted by min(SNR, gamma), so the
+    # many nearly clean steps stop dominating and the noisy ones, where shapes are decided,
+    # get more of the model's capacity)
+    loss_weighting: str = "uniform"
+    min_snr_gamma: float = 5.0
+    # extra weight of the object's pixels in the diffusion loss (the views' alpha at the
+    # model's resolution): pixel weight 1 + foreground_weight * alpha, the background's stays
+    # 1. 0: off. Pale parts on the white background and thin parts cost little in a plain MSE.
+    # On the toy stage 1, 4 made the views worse (blobs: a missed object pixel costs more than
+    # a stray one); docs/results/toy-foreground-weight.
+    foreground_weight: float = 0.0
+    # mode ema: probability that a step trains without the reference in the attention, as the
+    # model runs at inference (0: always with it, the plain Isotropic3D stage 2)
+    reference_dropout: float = 0.0
+    mixed_precision: str = "no"          # no | fp16 | bf16 (accelerate)
+    seed: int = 0
+    device: str = "auto"                 # auto (accelerate's choice) | cpu
+    cpu_threads: Optional[int] = None    # torch threads on CPU (null: torch's default); 1 is
+                                         # often fastest for tiny models on shared cores
+    out: Optional[str] = None            # run folder; null: outputs/finetune/RECIPE
+    checkpoint_every: int = 500          # 0: only at the end
+    keep_checkpoints: int = 2            # periodic checkpoints kept (the last one always)
+    sample_every: int = 0                # sample grids (0: only at the end; -1: never)
+    sample_objects: int = 2
+    sample_steps: int = 20               # DDIM steps
+    sample_scale: float = 5.0            # CFG scale of the samples
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"mode: '{self.mode}' is not one of {', '.join(MODES)}"
+                              f"{did_you_mean(self.mode, MODES)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision: '{self.mixed_precision}' is not one of "
+                              f"{', '.join(MIXED_PRECISION)}")
+        if self.device not in ("auto", "cpu"):
+            raise ConfigError(f"device: '{self.device}' is not auto or cpu (accelerate places "
+                              "processes on devices; see accelerate launch)")
+        for key in ("steps", "batch_size", "log_every", "keep_checkpoints", "sample_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup", "checkpoint_every", "sample_objects"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"cpu_threads: must be >= 1 or null, got {self.cpu_threads}")
+        if self.sample_every < -1:
+            raise ConfigError(f"sample_every: must be >= -1, got {self.sample_every}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            hint = did_you_mean(self.lr_schedule, LR_SCHEDULES)
+            raise ConfigError(f"lr_schedule: '{self.lr_schedule}' is not one of "
+                              f"{', '.join(LR_SCHEDULES)}{hint}")
+        if not 0.0 <= self.average_decay < 1.0:
+            raise ConfigError(f"average_decay: must be in [0, 1) (0: off), got "
+                              f"{self.average_decay}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("weight_decay and grad_clip: must be >= 0")
+        if not 0.0 <= self.cfg_dropout <= 1.0:
+            raise ConfigError(f"cfg_dropout: must be in [0, 1], got {self.cfg_dropout}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"loss_weighting: '{self.loss_weighting}' is not one of "
+                              f"{', '.join(LOSS_WEIGHTINGS)}"
+                              f"{did_you_mean(self.loss_weighting, LOSS_WEIGHTINGS)}")
+        if not self.min_snr_gamma > 0:
+            raise ConfigError(f"min_snr_gamma: must be > 0, got {self.min_snr_gamma}")
+        if not self.foreground_weight >= 0:
+            raise ConfigError(f"foreground_weight: must be >= 0 (0: off), got "
+                              f"{self.foreground_weight}")
+        weighted = [key for key, on in (("loss_weighting", self.loss_weighting != "uniform"),
+                                        ("foreground_weight", self.foreground_weight > 0)) if on]
+        if weighted and self.mode == "clip":
+            raise ConfigError(f"{weighted[0]}: mode clip has no diffusion loss to weight; "
+                              "remove it")
+        if not 0.0 <= self.reference_dropout <= 1.0:
+            raise ConfigError(f"reference_dropout: must be in [0, 1], got "
+                              f"{self.reference_dropout}")
+        if self.reference_dropout > 0 and self.mode != "ema":
+            raise ConfigError("reference_dropout: only mode ema puts a reference view in the "
+                              "attention; remove it or use mode: ema")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas: expected two values in [0, 1), got {list(self.betas)}")
+        if self.mode == "clip" and self.model.conditioner is not None:
+            raise ConfigError("model.conditioner: clip mode trains the OpenCLIP model itself; "
+                              "set model.init (random or an OpenCLIP folder) instead")
+        if self.mode == "text" and self.model.conditioner is not None \
+                and self.model.conditioner.tokens != "pooled":
+            raise ConfigError("model.conditioner.tokens: only image conditioning has patch "
+                              "tokens; text mode uses the prompt's tokens, so leave it at pooled")
+
+
+def read_recipe(name_or_path: str) -> Tuple[str, dict]:
+    """recipes/finetune/NAME.yaml or a YAML path -> (name, mapping)."""
+    from engine.recipes import find_recipe
+
+    name, data, _ = find_recipe(name_or_path, "finetune", "fine-tuning recipe")
+    return name, data
+
+
+def build_config(data: dict, items: Sequence[str] = (), recipe: Optional[str] = None
+                 ) -> FinetuneConfig:
+    """A recipe mapping + dotted ``key=value`` items (values read as YAML, as every command
+    reads them) -> validated :class:`FinetuneConfig`."""
+    from omegaconf import errors as oc_errors
+
+    from engine.cli import yaml_value
+    from engine.config import validate
+
+    merged = OmegaConf.create(dict(data))
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"'{item}' is not key=value (e.g. steps=100 or "
+                              "data.root=data/toy); see --help")
+        value = yaml_value(text)
+        try:
+            OmegaConf.update(merged, key, value, merge=True, force_add=True)
+        except (oc_errors.OmegaConfBaseException, ValueError) as exc:
+            raise ConfigError(f"{key}: cannot set to {value!r} ({str(exc).splitlines()[0]})")
+    if recipe is not None:
+        merged.recipe = recipe
+    return validate(FinetuneConfig, OmegaConf.to_container(merged, resolve=True))
+
+
+def config_to_dict(cfg: FinetuneConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
