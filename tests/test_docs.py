@@ -126,6 +126,7 @@ def test_excerpts_match_files(doc):
             pos += 1
 
 
+@pytest.mark.slow                    # each doc in a fresh interpreter, end to end
 @pytest.mark.parametrize("doc", DOCS)
 def test_python_blocks(doc, tmp_path):
     blocks = [b for b in blocks_of(doc) if b.lang == "python" and b.mode == ""]

@@ -54,6 +54,7 @@ def test_list_shows_plugin_and_recipe_with_origin():
     assert headers[-1] == "guidance plugins:"
 
 
+@pytest.mark.slow
 def test_recipe_runs_two_steps(tmp_path, rgba_image):
     out = tmp_path / "run"
     proc = _run(["-m", "engine.run", "recipe=example-fit", f"image={rgba_image}", f"out={out}",
@@ -70,6 +71,7 @@ def test_recipe_runs_two_steps(tmp_path, rgba_image):
     assert "type: example-l1" in saved and "masked_rgb: true" in saved
 
 
+@pytest.mark.slow
 def test_package_own_tests_pass():
     proc = _run(["-m", "pytest", "-o", "addopts=", "-q", "-rs", "-p", "no:cacheprovider",
                  str(PACKAGE_DIR / "tests")], timeout=300)
