@@ -224,3 +224,20 @@ def test_sample_command_uses_the_prior(image_model_dir, rgba_image, tmp_path, mo
     assert main([f"image={rgba_image}", f"out={out}", f"model={image_model_dir}", "steps=2",
                  "device=cpu", "candidates=2"]) == 0
     assert out.is_file() and len(loaded) == 1
+
+
+def test_fine_tuning_conditions_the_reference_as_inference_does(image_model_dir):
+    """Fine-tuning's image context goes through the prior's preprocessing (the 256 px resize
+    the release applies), not straight into the conditioner."""
+    from guidance.multiview import prior as prior_module
+    from guidance.training import diffusion
+
+    real = prior_module.picture_context
+    prior = MultiViewPrior.load(image_model_dir)
+    picture = torch.rand(2, 3, 40, 40)
+    direct = prior.model.embed_image(picture)
+    via = real(prior.model, picture)
+    assert via.shape == direct.shape and not torch.allclose(via, direct)   # the resize counts
+    assert torch.equal(via, prior.encode_image(picture))
+    assert diffusion.picture_context is real
+    assert "picture_context(" in inspect.getsource(diffusion.DiffusionTrainer.compute_loss)

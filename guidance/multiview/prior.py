@@ -61,6 +61,19 @@ def picture_batch(image) -> Tensor:
     return x
 
 
+def picture_context(model: nn.Module, image, device=None, dtype=None) -> Tensor:
+    """The context [N, L, D] a picture conditions ``model`` with (its ``embed_image``), with
+    the release's preprocessing: on white (:func:`picture_batch`), resized to 256 px (bicubic,
+    antialiased, clamped), then the conditioner's own resize and normalisation. Gradients flow
+    to the conditioner's weights when grad is enabled (fine-tuning trains through it only when
+    it is unfrozen)."""
+    rgb = F.interpolate(picture_batch(image), size=(CONDITION_SIZE, CONDITION_SIZE),
+                        mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    if device is not None or dtype is not None:
+        rgb = rgb.to(device=device, dtype=dtype)
+    return model.embed_image(rgb)
+
+
 class MultiViewPrior(nn.Module):
     """A frozen multi-view diffusion model with its conditioning, cameras and noise maths.
 
@@ -141,9 +154,7 @@ class MultiViewPrior(nn.Module):
         """A picture (see :func:`picture_batch`) -> context [N, L, D] in the model's dtype:
         resized to 256 px (bicubic, antialiased, clamped), then the conditioner's own
         preprocessing. No gradient."""
-        rgb = F.interpolate(picture_batch(image), size=(CONDITION_SIZE, CONDITION_SIZE),
-                            mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        return self.model.embed_image(rgb.to(self.device, self.dtype))
+        return picture_context(self.model, image, self.device, self.dtype)
 
     @torch.no_grad()
     def encode_text(self, prompts: Union[str, Sequence[str]]) -> Tensor:

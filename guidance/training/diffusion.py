@@ -33,6 +33,7 @@ from torch import Tensor
 
 from engine.errors import ConfigError, UserError
 from engine.seeding import derive_seed, step_seed
+from guidance.multiview.prior import picture_context
 from guidance.training.config import ConditionerConfig, FinetuneConfig
 from guidance.training.losses import (diffusion_loss, foreground_pixel_weights,
                                       make_diffusion_batch, snr_loss_weights)
@@ -193,7 +194,8 @@ class DiffusionTrainer(Trainer):
                 context = self.model.embed_text(batch["caption"])
             else:
                 self._check_references(batch)
-                context = self.model.embed_image(batch["reference"].to(self.device))
+                # the same preprocessing as at inference (the 256 px resize included)
+                context = picture_context(self.model, batch["reference"].to(self.device))
         x0 = self._x0(images.flatten(0, 1), generator)
         x0 = x0.view(B, V, *x0.shape[1:])
         reference = None
@@ -268,7 +270,7 @@ class DiffusionTrainer(Trainer):
             if self.mode == "text":
                 cond = self.model.embed_text([sample["caption"]])
             elif "reference" in sample:
-                cond = self.model.embed_image(sample["reference"][None].to(self.device))
+                cond = picture_context(self.model, sample["reference"][None].to(self.device))
             else:
                 continue
             cams = camera_vectors_from_c2w(sample["c2w"].to(self.device).float())
