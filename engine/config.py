@@ -225,20 +225,6 @@ def load_recipe(name_or_path: str) -> Tuple[str, dict, Optional[Path]]:
 
 # -- command line items -------------------------------------------------------------------
 
-def split_command_items(items: List[str]) -> Tuple[Optional[str], Optional[str], List[str]]:
-    """``recipe=`` and ``resume=`` apart from the key=value overrides: (recipe, resume, rest)."""
-    recipe = resume = None
-    rest = []
-    for item in items:
-        if item.startswith("recipe="):
-            recipe = item.split("=", 1)[1]
-        elif item.startswith("resume="):
-            resume = item.split("=", 1)[1]
-        else:
-            rest.append(item)
-    return recipe, resume, rest
-
-
 def parse_overrides(items: List[str]) -> List[Tuple[str, Any]]:
     """``key=value`` items -> [(full_key, value)], aliases rewritten, values YAML-typed."""
     out = []
