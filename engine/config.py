@@ -198,8 +198,14 @@ def available_recipes() -> Dict[str, Tuple[str, Any]]:
     return found
 
 
-def load_recipe(name_or_path: str) -> Tuple[str, dict, Optional[Path]]:
-    """Find a recipe by name (recipes/NAME.yaml, or shipped by a plugin) or by path.
+def load_recipe(name_or_path: str, subfolder: Optional[str] = None,
+                what: str = "recipe") -> Tuple[str, dict, Optional[Path]]:
+    """Find a recipe by name or by path: the one recipe lookup of every command.
+
+    A name is a run recipe (recipes/NAME.yaml, or shipped by a plugin) or, with ``subfolder``,
+    a plain recipe of recipes/SUBFOLDER/ (``load_recipe("toy-clip", "finetune",
+    "fine-tuning recipe")``). An unknown name is a one-line ConfigError naming the closest
+    and the known ones (``what`` says which kind).
 
     Returns (name, raw mapping, file path or None for a recipe given as a mapping)."""
     p = Path(name_or_path)
@@ -207,10 +213,15 @@ def load_recipe(name_or_path: str) -> Tuple[str, dict, Optional[Path]]:
         if not p.is_file():
             raise ConfigError(f"recipe file not found: {p}")
         return p.stem, read_yaml(p), p
-    recipes = available_recipes()
+    if subfolder is not None:
+        folder = RECIPES_DIR / subfolder
+        recipes = {q.stem: ("in-tree", q) for q in sorted(folder.glob("*.yaml"))} \
+            if folder.is_dir() else {}
+    else:
+        recipes = available_recipes()
     if name_or_path not in recipes:
         raise ConfigError(
-            f"no recipe named '{name_or_path}'{did_you_mean(name_or_path, recipes)}; "
+            f"no {what} named '{name_or_path}'{did_you_mean(name_or_path, recipes)}; "
             f"known: {', '.join(sorted(recipes)) or 'none'} (or give a path to a YAML file)")
     origin, where = recipes[name_or_path]
     if isinstance(where, Path):

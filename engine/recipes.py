@@ -97,29 +97,6 @@ def recipe_chain(ref: str, _stack: Tuple[str, ...] = (), _from: Optional[Path] =
     return name, layers
 
 
-def find_recipe(name_or_path: str, subfolder: str, what: str = "recipe"
-                ) -> Tuple[str, dict, Path]:
-    """A plain recipe of ``recipes/SUBFOLDER/`` by name (``find_recipe("toy-clip", "finetune",
-    "fine-tuning recipe")``), or any YAML file by path: (name, mapping, file). An unknown
-    name is a one-line ConfigError with the closest name and the known ones."""
-    from engine.config import RECIPES_DIR, read_yaml
-    from engine.errors import did_you_mean
-
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"recipe file not found: {p}")
-        return p.stem, read_yaml(p), p
-    folder = RECIPES_DIR / subfolder
-    known = sorted(q.stem for q in folder.glob("*.yaml")) if folder.is_dir() else []
-    if name_or_path not in known:
-        raise ConfigError(f"no {what} named '{name_or_path}'{did_you_mean(name_or_path, known)}"
-                          f"; known: {', '.join(known) or 'none'} (or give a path to a YAML "
-                          "file)")
-    path = folder / f"{name_or_path}.yaml"
-    return name_or_path, read_yaml(path), path
-
-
 def _fragment_path(ref: str, base: Optional[Path], label: str) -> Path:
     from engine.config import CONFIGS_DIR
 

@@ -2,7 +2,7 @@
 validation (every mistake one line naming the key), and reading a recipe plus ``key=value``
 overrides into it.
 
-A recipe is ``recipes/finetune/NAME.yaml`` (found through :func:`engine.recipes.find_recipe`)
+A recipe is ``recipes/finetune/NAME.yaml`` (found through :func:`engine.config.load_recipe`)
 or any YAML path; the keys are the fields below, dotted on the command line
 (``steps=200 model.unet.block_out_channels=[64,128,256]``).
 """
@@ -201,9 +201,9 @@ class FinetuneConfig:
 
 def read_recipe(name_or_path: str) -> Tuple[str, dict]:
     """recipes/finetune/NAME.yaml or a YAML path -> (name, mapping)."""
-    from engine.recipes import find_recipe
+    from engine.config import load_recipe
 
-    name, data, _ = find_recipe(name_or_path, "finetune", "fine-tuning recipe")
+    name, data, _ = load_recipe(name_or_path, "finetune", "fine-tuning recipe")
     return name, data
 
 

@@ -78,9 +78,9 @@ def parse(argv: List[str]) -> dict:
 
 
 def _recipe(recipe: str) -> dict:
-    from engine.recipes import find_recipe
+    from engine.config import load_recipe
 
-    return find_recipe(recipe, "finetune", "fine-tuning recipe")[1]
+    return load_recipe(recipe, "finetune", "fine-tuning recipe")[1]
 
 
 def _steps(recipe: str, scale: float) -> int:
