@@ -3,13 +3,26 @@
 Meshes are first normalised (bounding box centred at the origin, largest side 1), then the
 prediction is aligned to the reference by a search over yaw (rotation about z, the up axis:
 the reference azimuth is unknown to a model that saw one picture) and optionally refined by
-ICP. On surface samples: Chamfer distance (mean of the two directions' mean nearest-neighbour
-Euclidean distances) and F-score at a threshold; on a 64^3 grid: volume IoU. On images: PSNR
-and SSIM.
-"""
+ICP, both on surface point samples. Then, on ``samples`` seeded uniform surface samples of
+each mesh: Chamfer distance = mean of the two directions' mean nearest Euclidean distances
+to the other surface, and F-score at a threshold (precision: share of predicted points within
+it of the reference, recall the reverse); on a 64^3 grid: volume IoU. On images: PSNR and SSIM.
 
+The nearest distance is taken to the other mesh's surface itself (exact point-to-triangle
+distance, :class:`SurfaceDistance`), not to a second point sampling of it: that is the
+literature's point-sampled definition in the limit of a dense reference sampling, without
+its floor. Two independent 10k-point samplings of one unit cube are 0.012 apart by the
+point-to-point definition (0.004 at 100k points, falling as 1/sqrt(N)), half the best
+published GSO figure (~0.020). Measured floor of ``compare_meshes``/``python -m
+engine.evaluate`` on a mesh against itself: cube 0.0000 (0.0001 with ICP, its residual),
+icosphere(3) 0.0004-0.0005 (the yaw search turns the faceted sphere; the facets no longer
+coincide). At distances well above the sampling spacing the two definitions agree (sphere
+inscribed in the unit cube: 0.1137 exact vs 0.1148 +- 0.0005 point-to-point at 10k points;
+analytic, smooth sphere: 0.1124).
+"""
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -41,8 +54,116 @@ def _nn_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def chamfer_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """0.5 * (mean_a min_b |a-b| + mean_b min_a |a-b|) for point sets [N, 3] and [M, 3]."""
+    """0.5 * (mean_a min_b |a-b| + mean_b min_a |a-b|) for point sets [N, 3] and [M, 3].
+
+    The point-to-point form (used by the yaw search); :func:`compare_meshes` measures to
+    the other surface instead (:func:`surface_distances`)."""
     return 0.5 * (float(_nn_distances(a, b).mean()) + float(_nn_distances(b, a).mean()))
+
+
+def closest_points_on_triangles(p: np.ndarray, a: np.ndarray, b: np.ndarray,
+                                c: np.ndarray) -> np.ndarray:
+    """The point of triangle (a, b, c) nearest to ``p``, row by row (all [M, 3]).
+
+    Voronoi regions of the vertices, then the edges, then the interior, decided from dot
+    products of the edge vectors with the vectors to ``p`` (exact up to rounding)."""
+    ab, ac = b - a, c - a
+    ap, bp, cp = p - a, p - b, p - c
+    d1, d2 = np.einsum("ij,ij->i", ab, ap), np.einsum("ij,ij->i", ac, ap)
+    d3, d4 = np.einsum("ij,ij->i", ab, bp), np.einsum("ij,ij->i", ac, bp)
+    d5, d6 = np.einsum("ij,ij->i", ab, cp), np.einsum("ij,ij->i", ac, cp)
+    va, vb, vc = d3 * d6 - d5 * d4, d5 * d2 - d1 * d6, d1 * d4 - d3 * d2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_ab = d1 / (d1 - d3)
+        t_ac = d2 / (d2 - d6)
+        t_bc = (d4 - d3) / ((d4 - d3) + (d5 - d6))
+        area = va + vb + vc
+        v, w = vb / area, vc / area
+    inside = a + ab * v[:, None] + ac * w[:, None]
+    regions = [
+        (d1 <= 0) & (d2 <= 0),                                   # vertex a
+        (d3 >= 0) & (d4 <= d3),                                  # vertex b
+        (vc <= 0) & (d1 >= 0) & (d3 <= 0),                       # edge ab
+        (d6 >= 0) & (d5 <= d6),                                  # vertex c
+        (vb <= 0) & (d2 >= 0) & (d6 <= 0),                       # edge ac
+        (va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0),             # edge bc
+    ]
+    choices = [a, b, a + ab * t_ab[:, None], c, a + ac * t_ac[:, None],
+               b + (c - b) * t_bc[:, None]]
+    out = inside
+    for mask, point in zip(reversed(regions), reversed(choices)):   # the first region wins
+        out = np.where(mask[:, None], point, out)
+    return out
+
+
+class SurfaceDistance:
+    """Exact Euclidean distance from points to a triangle surface.
+
+    Triangles longer than ``max_edge`` are split at their edge midpoints (the surface is
+    unchanged) so that every triangle lies within a small radius of its centroid. A point's
+    distance d to the few triangles with the nearest centroids bounds its distance from
+    above; a triangle can only be nearer when its centroid is within d + its radius, so those
+    (from a KD-tree ball query) are measured too, exactly."""
+
+    def __init__(self, mesh: trimesh.Trimesh, max_edge: float = 0.05):
+        faces = np.asarray(mesh.faces)
+        kept = faces[np.asarray(mesh.area_faces) > 1e-20]        # no area, no nearest point
+        faces = kept if len(kept) else faces
+        vertices, faces = trimesh.remesh.subdivide_to_size(
+            np.asarray(mesh.vertices, dtype=np.float64), faces, max_edge, max_iter=20)
+        self.triangles = np.asarray(vertices, dtype=np.float64)[faces]         # [F, 3, 3]
+        self.centroids = self.triangles.mean(1)
+        self.radii = np.linalg.norm(self.triangles - self.centroids[:, None], axis=2).max(1)
+        self.tree = cKDTree(self.centroids)
+
+    def _exact(self, points: np.ndarray, row: np.ndarray, tri: np.ndarray, out: np.ndarray,
+               chunk: int = 1 << 19) -> None:
+        """out[row[i]] = min(out[row[i]], distance of points[row[i]] to triangle tri[i])."""
+        for lo in range(0, len(row), chunk):
+            r, t = row[lo:lo + chunk], self.triangles[tri[lo:lo + chunk]]
+            q = points[r]
+            d = np.linalg.norm(q - closest_points_on_triangles(q, t[:, 0], t[:, 1], t[:, 2]),
+                               axis=1)
+            np.minimum.at(out, r, d)
+
+    def __call__(self, points: np.ndarray, k: int = 16) -> np.ndarray:
+        points = np.asarray(points, dtype=np.float64)
+        out = np.full(len(points), np.inf)
+        if len(points) == 0:
+            return out
+        k = min(k, len(self.triangles))
+        far, near = self.tree.query(points, k=k)
+        far, near = far.reshape(len(points), k), near.reshape(len(points), k)
+        self._exact(points, np.repeat(np.arange(len(points)), k), near.ravel(), out)
+        # every triangle not yet measured has its centroid at least far[:, -1] away
+        unsure = np.nonzero(far[:, -1] - self.radii.max() < out)[0]
+        if k < len(self.triangles) and len(unsure):
+            balls = self.tree.query_ball_point(points[unsure], out[unsure] + self.radii.max())
+            counts = np.fromiter(map(len, balls), dtype=np.int64, count=len(balls))
+            tri = np.fromiter(itertools.chain.from_iterable(balls), dtype=np.int64,
+                              count=int(counts.sum()))
+            row = np.repeat(unsure, counts)
+            gap = np.linalg.norm(points[row] - self.centroids[tri], axis=1) - self.radii[tri]
+            keep = gap < out[row]
+            self._exact(points, row[keep], tri[keep], out)
+        return out
+
+
+def surface_distances(pred: trimesh.Trimesh, ref: trimesh.Trimesh, pred_points: np.ndarray,
+                      ref_points: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(distance of each of ``pred_points`` to the surface of ``ref``, distance of each of
+    ``ref_points`` to the surface of ``pred``), both exact."""
+    return SurfaceDistance(ref)(pred_points), SurfaceDistance(pred)(ref_points)
+
+
+def scores_from_distances(to_ref: np.ndarray, to_pred: np.ndarray,
+                          threshold: float) -> Tuple[float, float, float, float]:
+    """(Chamfer, F-score, precision, recall) from the two directions' nearest distances."""
+    chamfer = 0.5 * (float(to_ref.mean()) + float(to_pred.mean()))
+    precision = float((to_ref < threshold).mean())
+    recall = float((to_pred < threshold).mean())
+    f = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    return chamfer, f, precision, recall
 
 
 def f_score(pred: np.ndarray, ref: np.ndarray, threshold: float) -> Tuple[float, float, float]:
@@ -138,7 +259,9 @@ class MeshScores:
 def compare_meshes(pred: trimesh.Trimesh, ref: trimesh.Trimesh, *, samples: int = 10000,
                    threshold: float = 0.05, yaw_step: float = 5.0, icp: bool = True,
                    resolution: int = 64, seed: int = 0) -> MeshScores:
-    """Normalise both, align the prediction (yaw search, then ICP), and score it."""
+    """Normalise both, align the prediction (yaw search, then ICP, on ``samples`` surface
+    points per mesh), and score it: Chamfer and F-score from ``samples`` fresh seeded points
+    on each surface and their exact distances to the other surface (see the module text)."""
     pred, ref = normalize(pred), normalize(ref)
     r = sample_surface(ref, samples, seed + 1)
     yaw = align_yaw(sample_surface(pred, samples, seed), r, yaw_step)
@@ -150,10 +273,11 @@ def compare_meshes(pred: trimesh.Trimesh, ref: trimesh.Trimesh, *, samples: int 
         refine, _, _ = trimesh.registration.icp(sample_surface(pred, samples, seed), r,
                                                 max_iterations=30, reflection=False, scale=False)
         pred.apply_transform(refine)
-    p = sample_surface(pred, samples, seed)
-    f, prec, rec = f_score(p, r, threshold)
-    return MeshScores(chamfer_distance(p, r), volume_iou(pred, ref, resolution), f, prec, rec,
-                      yaw, threshold)
+    # the scores: points on each surface against the other mesh's surface itself (exact)
+    to_ref, to_pred = surface_distances(pred, ref, sample_surface(pred, samples, seed + 2),
+                                        sample_surface(ref, samples, seed + 3))
+    chamfer, f, prec, rec = scores_from_distances(to_ref, to_pred, threshold)
+    return MeshScores(chamfer, volume_iou(pred, ref, resolution), f, prec, rec, yaw, threshold)
 
 
 # -- images -------------------------------------------------------------------------------
