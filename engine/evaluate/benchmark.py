@@ -163,7 +163,7 @@ def _initial(ref_recipe: str, run_dir: Path, overrides: List[str], image: Path):
     from engine.checkpoint import atomic_write_text
     from engine.config import build
     from engine.export import export_representation
-    from engine.trainer import step_seed
+    from engine.seeding import step_seed
 
     cfg, resolved = config.load(ref_recipe, [*RUN_DEFAULTS, *overrides, f"image={image}"])
     first = list(cfg.stages)[0]
