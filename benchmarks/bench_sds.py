@@ -1,6 +1,6 @@
 """One multiview-sds step with the SD 2.1-base-size UNet (random weights): time and memory.
 
-    python benchmarks/bench_sds.py [device=cpu|cuda] [precision=fp32|fp16|bf16]
+    python benchmarks/bench_sds.py [device=cpu|cuda] [precision=auto|fp32|fp16|bf16]
                                    [repeats=3] [threads=N]
 
 4 views x 32x32 latents (256x256 renders), classifier-free guidance (a batch of 8 through the
@@ -20,7 +20,7 @@ import torch
 from engine.cameras import Cameras
 from engine.plugin import StepInfo
 from guidance.multiview.model import MultiViewDiffusionModel
-from guidance.multiview.prior import PRECISIONS, MultiViewPrior
+from guidance.multiview.prior import PRECISIONS, MultiViewPrior, resolve_precision
 from guidance.multiview.unet import MultiViewUNetConfig
 from guidance.multiview_sds import MultiViewSDS
 
@@ -30,13 +30,13 @@ def main(argv=None) -> int:
 
     args = Command("python benchmarks/bench_sds.py", __doc__, [
         Key("device", str, "cuda" if torch.cuda.is_available() else "cpu"),
-        Key("precision", str, "fp32", choices=list(PRECISIONS)),
+        Key("precision", str, "auto", choices=list(PRECISIONS)),
         Key("repeats", int, 3),
         Key("threads", int, 0),
     ]).parse(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), PRECISIONS[args.precision]
+    device, dtype = torch.device(args.device), resolve_precision(args.precision, args.device)
 
     t0 = time.perf_counter()
     model = MultiViewDiffusionModel.build_random(MultiViewUNetConfig.sd21_base(), "latent",

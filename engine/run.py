@@ -1,6 +1,6 @@
 """``python -m engine.run``: run a recipe.
 
-    python -m engine.run recipe=NAME [image=PATH] [prompt=TEXT] [key=value ...] [--dry-run]
+    python -m engine.run recipe=NAME [image=PATH] [prompt=TEXT] [key=value ...] [--dry-run | --estimate]
     python -m engine.run resume=RUN_FOLDER_OR_CHECKPOINT [key=value ...]
     python -m engine.run --list
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 USAGE = """\
-usage: python -m engine.run recipe=NAME [image=PATH] [prompt=TEXT] [key=value ...] [--dry-run]
+usage: python -m engine.run recipe=NAME [image=PATH] [prompt=TEXT] [key=value ...] [--dry-run | --estimate]
        python -m engine.run resume=RUN_FOLDER_OR_CHECKPOINT [key=value ...]
        python -m engine.run --list
 
@@ -28,6 +28,8 @@ short keys:  image=PATH   -> inputs.image      prompt=TEXT -> inputs.prompt
              device=D     -> system.device (auto | cpu | cuda | cuda:N)
 options:     --list       recipes and plugins of every kind, with where each comes from
              --dry-run    print the fully resolved config and exit
+             --estimate   print the run's peak memory per stage (on CUDA unless device=cpu;
+                          nothing is downloaded or trained) and exit
              --help       this text
 
 Each run writes a new folder (default outputs/RECIPE/NAME-TIMESTAMP): config.yaml,
@@ -90,7 +92,7 @@ def command():
     return Command("python -m engine.run", USAGE, [
         Key("recipe", str, help="recipe name or YAML path (python -m engine.run --list)"),
         Key("resume", str, help="run folder or checkpoint to continue"),
-    ], flags=["--list", "--dry-run"], passthrough=True)
+    ], flags=["--list", "--dry-run", "--estimate"], passthrough=True)
 
 
 def run(argv: List[str]) -> int:
@@ -132,6 +134,8 @@ def run(argv: List[str]) -> int:
         print(format_sources(cfg.provenance, OmegaConf.to_container(resolved)))
         return 0
 
+    if "--estimate" in args.flags:
+        return _estimate(cfg, recipe or saved.get("recipe", ""))
     config.check_inputs(cfg)
     device = resolve_device(cfg.system.device)
     for sname, stage_components in cfg.components.items():
@@ -141,6 +145,17 @@ def run(argv: List[str]) -> int:
                 preflight(ccfg, key=f"stages.{sname}.{field_name}")
     inputs = _load_inputs(cfg)
     return _train(cfg, resolved, device, inputs, resume_ckpt)
+
+
+def _estimate(cfg, recipe: str) -> int:
+    """--estimate: the run's peak memory per stage and phase (engine/estimate.py), for the
+    run's device: CUDA unless system.device is cpu (a CPU machine plans a GPU run)."""
+    from engine.estimate import estimate_summary
+
+    device_type = "cpu" if cfg.system.device == "cpu" else "cuda"
+    table, _ = estimate_summary(cfg, device_type, recipe)
+    print(table)
+    return 0
 
 
 def _load_inputs(cfg):

@@ -24,7 +24,7 @@ from engine.registry import register
 from engine.schedules import Schedule
 from guidance.multiview import noise, sds
 from guidance.multiview.cameras import CONVENTIONS
-from guidance.multiview.prior import PRECISIONS, MultiViewPrior
+from guidance.multiview.prior import PRECISIONS, MultiViewPrior, resolve_precision
 
 
 def _choice(key: str, value: str, options) -> None:
@@ -53,7 +53,9 @@ class MultiViewSDS(Guidance):
         loss: str = "reconstruction"        # reconstruction | classic
         std_rescale: float = 0.5            # reconstruction form only
         camera_convention: str = "auto"     # auto (the model's) | mvdream | isotropic3d-release
-        precision: str = "fp32"             # fp32 | fp16 | bf16 (for the frozen model)
+        # the frozen model's dtype: auto = bf16 (or fp16) on CUDA, fp32 on CPU; or fp32 |
+        # fp16 | bf16. The loss maths runs in fp32 whatever this is.
+        precision: str = "auto"
         negative_prompt: str = ""           # text conditioning only
         keep_conditioner: bool = False      # free the image/text encoder once embedded
         # the step the t-range and guidance-scale schedules read: "run" counts across stages
@@ -85,13 +87,23 @@ class MultiViewSDS(Guidance):
 
         check_available(cfg.model, key=f"{key}.model")
 
+    @classmethod
+    def estimate_memory(cls, cfg: "MultiViewSDS.Config", batch: int, size: int,
+                        device_type: str) -> Dict[str, Any]:
+        """Bytes of the frozen model and one step's activations on ``batch`` renders of
+        ``size`` px (engine/estimate.py; real-size models on fake tensors)."""
+        from guidance.multiview.memory import guidance_estimate
+
+        return guidance_estimate(cfg.model, cfg.conditioning, cfg.precision, batch, size,
+                                 device_type, keep_conditioner=cfg.keep_conditioner)
+
     def __init__(self, cfg: "MultiViewSDS.Config" = None, device=None, inputs: RunInputs = None,
                  model=None):
         super().__init__()
         self.cfg = cfg = cfg or MultiViewSDS.Config()
         inputs = inputs or RunInputs()
         self.prior = MultiViewPrior.load(cfg.model if model is None else model, device=device,
-                                         dtype=PRECISIONS[cfg.precision],
+                                         dtype=resolve_precision(cfg.precision, device),
                                          camera_convention=cfg.camera_convention,
                                          conditioning=cfg.conditioning)
         cond, uncond = self.prior.contexts(inputs.image, inputs.prompt, cfg.negative_prompt,
@@ -132,7 +144,8 @@ class MultiViewSDS(Guidance):
         n, views = rgb.shape[0], cameras.views_per_object
         if n % views:
             raise ValueError(f"{n} renders are not whole groups of {views} views")
-        x0 = prior.encode(rgb)
+        # latents in fp32: a half-precision model's output, the loss and its gradient in full
+        x0 = prior.encode(rgb).float()
         clock = self._clock(step)
         t_min, t_max = self.t_range(clock)
         t = torch.full((n,), noise.sample_timestep(t_min, t_max), device=x0.device,

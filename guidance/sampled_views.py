@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from engine.cameras import Cameras
 from engine.errors import ConfigError
 from engine.plugin import Guidance, RunInputs, StepInfo
 from engine.registry import register
-from guidance.multiview.prior import PRECISIONS, MultiViewPrior
+from guidance.multiview.prior import PRECISIONS, MultiViewPrior, resolve_precision
 from guidance.multiview.sample import draw_best_group
 from guidance.multiview.targets import MASK_HIGH, MASK_LOW, ViewTargets
 
@@ -59,7 +59,7 @@ class SampledViewsL2(ViewTargets, Guidance):
         input_view: Optional[int] = 0
         mask_low: float = MASK_LOW           # see mask_from_white
         mask_high: float = MASK_HIGH
-        precision: str = "fp32"
+        precision: str = "auto"              # as multiview-sds: auto = bf16/fp16 on CUDA
 
         def __post_init__(self):
             if self.precision not in PRECISIONS:
@@ -83,6 +83,15 @@ class SampledViewsL2(ViewTargets, Guidance):
 
         check_available(cfg.model, key=f"{key}.model")
 
+    @classmethod
+    def estimate_memory(cls, cfg: "SampledViewsL2.Config", batch: int, size: int,
+                        device_type: str) -> Dict[str, Any]:
+        """Bytes of the frozen model and its sampling (counted as an SDS step on the batch,
+        an upper bound: sampling runs the UNet without the VAE's backward)."""
+        from guidance.multiview.memory import guidance_estimate
+
+        return guidance_estimate(cfg.model, "auto", cfg.precision, batch, size, device_type)
+
     def __init__(self, cfg: "SampledViewsL2.Config" = None, device=None,
                  inputs: RunInputs = None, model=None):
         super().__init__()
@@ -93,7 +102,7 @@ class SampledViewsL2(ViewTargets, Guidance):
                               "add image=PATH (or set input_view: null)")
         # the same model loading and conditioning as score distillation
         self.prior = MultiViewPrior.load(cfg.model if model is None else model, device=device,
-                                         dtype=PRECISIONS[cfg.precision])
+                                         dtype=resolve_precision(cfg.precision, device))
         cond, uncond = self.prior.contexts(inputs.image, inputs.prompt,
                                            who="guidance sampled-views")
         self.prior.drop_conditioner()

@@ -33,8 +33,10 @@ from engine.errors import ConfigError
 from guidance.multiview import noise
 from guidance.multiview.cameras import CONVENTIONS, camera_vectors
 
-#: the precisions a prior runs its frozen model in
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: the precisions a prior runs its frozen model in (``auto`` is resolved per device by
+#: :func:`resolve_precision`)
+PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16,
+              "bf16": torch.bfloat16}
 #: the released code's first resize of the picture, before the conditioner's own
 CONDITION_SIZE = 256
 CONDITIONINGS = ("image", "text")
@@ -43,6 +45,28 @@ CONDITIONINGS = ("image", "text")
 def _choice(key: str, value: str, options) -> None:
     if value not in options:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(options)}")
+
+
+def resolve_precision(name: str, device=None) -> torch.dtype:
+    """The dtype of a frozen model for ``precision: name`` on ``device``.
+
+    ``auto``: on CUDA, bf16 where the GPU supports it (Ampere and newer) and fp16 elsewhere
+    (half the weights' memory, the tensor cores' speed; the released models were trained in
+    fp16 mixed precision); on CPU fp32 (half precision is slow or unsupported there).
+    Explicit names are taken as they are.
+
+    Example::
+
+        resolve_precision("auto", "cpu")     # torch.float32
+        resolve_precision("fp16", "cpu")     # torch.float16
+    """
+    _choice("precision", name, tuple(PRECISIONS))
+    if name != "auto":
+        return PRECISIONS[name]
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def picture_batch(image) -> Tensor:
@@ -254,4 +278,4 @@ class MultiViewPrior(nn.Module):
                                      steps, scale, eta, generator, clip_sample=clip_sample)
 
 
-__all__ = ["MultiViewPrior", "PRECISIONS", "CONDITION_SIZE", "picture_batch"]
+__all__ = ["MultiViewPrior", "PRECISIONS", "resolve_precision", "CONDITION_SIZE", "picture_batch"]
