@@ -230,6 +230,13 @@ def test_sd21_base_size_keys_and_shapes_match_without_allocating():
     unet.load_state_dict(converted, strict=True, assign=True)   # shapes are checked too
     assert len(converted) == len(unet.state_dict()) == len(ldm)
     assert sum(p.numel() for p in unet.parameters()) == 867_572_164
+    # with no unet= and no config= (the default), these shapes infer to exactly the preset
+    from guidance.multiview.ldm_config import infer_unet_config
+
+    inferred, note = infer_unet_config(ldm)
+    assert inferred == MultiViewUNetConfig.sd21_base()
+    assert "64-channel heads (SD 2.x convention with linear projections: heads " \
+        "[5, 10, 20, 20])" in note
 
 
 @pytest.mark.slow

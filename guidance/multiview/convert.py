@@ -1,8 +1,20 @@
 """Convert a released MVDream ``.pt`` / Isotropic3D ``.ckpt`` into a converted model folder.
 
-    python -m guidance.multiview.convert SRC OUT [unet=sd21-base|CONFIG.json]
-        [convention=auto|mvdream|isotropic3d-release] [clip=ViT-H-14|CONFIG.json]
-        [dtype=keep|fp32|fp16|bf16] [allow_missing=true]
+    python -m guidance.multiview.convert SRC OUT [config=MODEL.yaml]
+        [unet=auto|sd21-base|CONFIG.json] [clip=auto|ViT-H-14|CONFIG.json]
+        [convention=auto|mvdream|isotropic3d-release] [dtype=keep|fp32|fp16|bf16]
+        [allow_missing=true]
+
+The UNet's architecture, first match wins: ``unet=sd21-base`` (MVDream's sd-v2.1-base size)
+or ``unet=FILE.json`` (MultiViewUNetConfig fields) as given; else ``config=MODEL.yaml``, the
+release's own LDM config (``model.params.unet_config.params``; e.g. MVDream's
+``sd-v1.yaml`` / ``sd-v2-base.yaml``, Isotropic3D's ``mvd_infer.yaml``), which also gives the
+VAE's sizes, the conditioner, the noise schedule and the prediction type; else (the default
+``unet=auto``) the sizes are inferred from the tensors: everything but the number of attention
+heads, assumed 64 channels a head with linear projections (SD 2.x) and 8 heads a level with
+1x1-convolution projections (SD 1.x); the summary says what was assumed. A config value this
+UNet cannot express is a one-line error naming the key. (Keys are given as ``key=value``;
+there is no ``--config``.)
 
 The checkpoint is a plain state dict in the original LDM naming, read with
 ``torch.load(weights_only=True)`` (a pickle holding anything but tensors and containers is
@@ -11,12 +23,17 @@ refused). Keys are split by prefix:
 * ``model.diffusion_model.*``  -> the UNet: ``camera_embed.`` becomes ``label_emb.0.`` and
   diffusers' own ``convert_ldm_unet_checkpoint`` (class_embed_type="projection") renames the
   rest;
-* ``first_stage_model.*``      -> the VAE via ``convert_ldm_vae_checkpoint`` (its sizes are
-  read from the tensors' shapes);
+* ``first_stage_model.*``      -> the VAE via ``convert_ldm_vae_checkpoint`` (its sizes from
+  the config's ``first_stage_config``, else read from the tensors' shapes);
 * ``cond_stage_model.model.*`` -> an OpenCLIP state dict: ``visual.*`` present means image
-  conditioning (Isotropic3D), otherwise text conditioning (MVDream);
+  conditioning (Isotropic3D), otherwise text conditioning (MVDream); ``clip=auto`` takes the
+  architecture from the config's ``cond_stage_config`` (default ViT-H-14);
+* ``cond_stage_model.transformer.*`` (MVDream sd-v1.5's FrozenCLIPEmbedder, a Hugging Face
+  CLIP ViT-L/14 text model) -> NOT converted (no such conditioner here): listed as such; the
+  UNet and VAE are converted and the model has no conditioner (prompts must be embedded
+  elsewhere);
 * root schedule buffers (betas, alphas_cumprod, ...) are compared with the scaled-linear
-  schedule; ``model_ema.*`` is reported as ignored.
+  schedule (the config's betas when given); ``model_ema.*`` is reported as ignored.
 
 Nothing is dropped silently: keys that match no prefix, keys a converter did not consume, and
 keys a module did not take are listed; missing keys fail the conversion (a one-line error,
@@ -43,6 +60,10 @@ from guidance.multiview.unet import MultiViewUNetConfig
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.model."
+HF_CLIP_PREFIX = "cond_stage_model.transformer."
+HF_CLIP_REASON = ("text encoder (FrozenCLIPEmbedder, Hugging Face CLIP ViT-L/14): no "
+                  "conditioner here reads it (transformers is not a dependency); the model is "
+                  "written without one")
 EMA_PREFIX = "model_ema."
 SCHEDULE_KEYS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -62,12 +83,14 @@ class ConversionReport:
     space: str = "latent"
     conditioning: Optional[str] = None
     convention: Optional[str] = None
+    architecture: List[str] = field(default_factory=list)        # where the sizes came from
     converted: Dict[str, int] = field(default_factory=dict)      # component -> tensors loaded
     unknown: List[str] = field(default_factory=list)             # matched no prefix / unused
     missing: Dict[str, List[str]] = field(default_factory=dict)  # component -> its names
     unexpected: Dict[str, List[str]] = field(default_factory=dict)
     ignored: Dict[str, List[str]] = field(default_factory=dict)  # reason -> keys
     schedule: List[str] = field(default_factory=list)            # mismatch messages
+    not_converted: Dict[str, List[str]] = field(default_factory=dict)  # reason -> keys
 
     def has_missing(self) -> bool:
         return any(self.missing.values())
@@ -78,10 +101,11 @@ class ConversionReport:
     def summary(self) -> str:
         lines = [f"checkpoint: {self.total} tensors; space {self.space}; conditioning "
                  f"{self.conditioning or 'none'}; camera convention {self.convention}"]
+        lines.extend(f"  {line}" for line in self.architecture)
         for comp, n in self.converted.items():
             lines.append(f"  {comp}: {n} tensors loaded")
-        for title, groups in (("MISSING", self.missing), ("unexpected", self.unexpected),
-                              ("ignored", self.ignored)):
+        for title, groups in (("MISSING", self.missing), ("NOT CONVERTED", self.not_converted),
+                              ("unexpected", self.unexpected), ("ignored", self.ignored)):
             for what, keys in groups.items():
                 if keys:
                     lines.append(f"  {title} {what}: {len(keys)}: {_short(keys)}")
@@ -146,13 +170,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def split_checkpoint(sd: Dict[str, Tensor]) -> Dict[str, Dict[str, Tensor]]:
-    """Group keys by component; prefixes are removed. Groups: unet, vae, clip, schedule,
-    ema, unknown (full keys)."""
-    groups: Dict[str, Dict[str, Tensor]] = {g: {} for g in
-                                            ("unet", "vae", "clip", "schedule", "ema", "unknown")}
+    """Group keys by component; prefixes are removed. Groups: unet, vae, clip, clip_hf,
+    schedule, ema, unknown (full keys)."""
+    groups: Dict[str, Dict[str, Tensor]] = {g: {} for g in ("unet", "vae", "clip", "clip_hf",
+                                                            "schedule", "ema", "unknown")}
     for key, value in sd.items():
         for group, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("clip", CLIP_PREFIX),
-                              ("ema", EMA_PREFIX)):
+                              ("clip_hf", HF_CLIP_PREFIX), ("ema", EMA_PREFIX)):
             if key.startswith(prefix):
                 groups[group][key[len(prefix):]] = value
                 break
@@ -188,7 +212,11 @@ def ldm_unet_to_diffusers(unet_sd: Dict[str, Tensor], unet_cfg: MultiViewUNetCon
     except KeyError:
         # no camera embedding in the checkpoint: convert the rest, the load reports it missing
         config = {k: v for k, v in config.items() if k != "class_embed_type"}
-        converted = convert_ldm_unet_checkpoint(renamed, config)
+        try:
+            converted = convert_ldm_unet_checkpoint(renamed, config)
+        except (KeyError, IndexError) as exc:
+            raise UserError(f"UNet tensors do not fit the configured architecture (no {exc}); "
+                            "check unet= / config=") from None
     converted = {k: v for k, v in converted.items() if v is not None}
     used = _consumed_ids(converted)
     unconsumed = [k for k, v in unet_sd.items() if id(v) not in used]
@@ -220,8 +248,12 @@ def ldm_vae_to_diffusers(vae_sd: Dict[str, Tensor], vae_config: dict
     """LDM VAE keys (no prefix) -> diffusers keys; also the keys nobody consumed."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    converted = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in vae_sd.items()},
-                                           vae_config)
+    try:
+        converted = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in vae_sd.items()},
+                                               vae_config)
+    except (KeyError, IndexError) as exc:
+        raise UserError(f"VAE tensors do not fit the configured architecture (no {exc}); "
+                        "check config=") from None
     converted = {k: v for k, v in converted.items() if v is not None}
     used = _consumed_ids(converted)
     return converted, [k for k, v in vae_sd.items() if id(v) not in used]
@@ -248,9 +280,11 @@ def expected_schedule(n: int = 1000, start: float = 0.00085, end: float = 0.012
     }
 
 
-def check_schedule(buffers: Dict[str, Tensor], rtol: float = 1e-4) -> List[str]:
-    """Messages for schedule buffers that differ from the scaled-linear schedule."""
-    expected = expected_schedule()
+def check_schedule(buffers: Dict[str, Tensor], rtol: float = 1e-4, start: float = 0.00085,
+                   end: float = 0.012) -> List[str]:
+    """Messages for schedule buffers that differ from the scaled-linear schedule (betas
+    ``start``..``end``, MVDream's by default)."""
+    expected = expected_schedule(start=start, end=end)
     messages = []
     for key, value in sorted(buffers.items()):
         if key not in expected:
@@ -284,8 +318,10 @@ def load_into(factory: Callable[[], nn.Module], state: Dict[str, Tensor], what: 
     try:
         result = module.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else _one_line(exc))[:300]
         raise UserError(f"{what} tensors do not fit the configured architecture "
-                        f"({_one_line(exc)}); check unet= / clip=") from None
+                        f"({detail}); check unet= / clip= / config=") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing and allow_missing:
         module = factory()
@@ -296,19 +332,48 @@ def load_into(factory: Callable[[], nn.Module], state: Dict[str, Tensor], what: 
 def _unet_config(spec) -> MultiViewUNetConfig:
     if isinstance(spec, MultiViewUNetConfig):
         return spec
-    if spec in (None, "sd21-base"):
+    if spec == "sd21-base":
         return MultiViewUNetConfig.sd21_base()
     path = Path(spec)
     if not path.is_file():
-        raise UserError(f"unet: '{spec}' is neither sd21-base nor a JSON file of "
+        raise UserError(f"unet: '{spec}' is neither auto, sd21-base nor a JSON file of "
                         "MultiViewUNetConfig fields")
-    return MultiViewUNetConfig(**json.loads(path.read_text()))
+    try:
+        return MultiViewUNetConfig(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"unet: {path} is not a JSON file of MultiViewUNetConfig fields "
+                        f"({_one_line(exc)})") from None
 
 
-def _clip_config(spec) -> dict:
+def resolve_unet(spec, ldm, unet_sd: Dict[str, Tensor]) -> Tuple[MultiViewUNetConfig, str]:
+    """(config, one line saying where it came from): an explicit ``unet`` (preset, JSON or
+    MultiViewUNetConfig) wins over the LDM config, which wins over inference from the
+    tensors (``spec`` None or "auto")."""
+    from guidance.multiview.ldm_config import infer_unet_config
+
+    if spec not in (None, "auto"):
+        where = ("given" if isinstance(spec, MultiViewUNetConfig)
+                 else "sd21-base preset" if spec == "sd21-base" else f"from {spec}")
+        ignored = f"; the unet_config of {ldm.path} is not used" if ldm is not None else ""
+        return _unet_config(spec), f"unet sizes: {where} (unet=){ignored}"
+    if ldm is not None:
+        return ldm.unet, f"unet sizes: from {ldm.path} (model.params.unet_config.params)"
+    return infer_unet_config(unet_sd)
+
+
+def _ldm_config(config):
+    if config is None:
+        return None
+    from guidance.multiview.ldm_config import LdmConfig, read_ldm_config
+
+    return config if isinstance(config, LdmConfig) else read_ldm_config(config)
+
+
+def _clip_config(spec, ldm=None) -> dict:
     if isinstance(spec, dict):
         return spec
-    spec = spec or "ViT-H-14"
+    if spec in (None, "auto"):
+        spec = (ldm.clip_arch if ldm is not None else None) or "ViT-H-14"
     path = Path(spec)
     if path.is_file():
         data = json.loads(path.read_text())
@@ -323,33 +388,43 @@ def _clip_config(spec) -> dict:
 
 def convert_state_dict(sd: Dict[str, Tensor], unet=None, clip=None,
                        convention: Optional[str] = None, allow_missing: bool = False,
-                       dtype: Optional[torch.dtype] = None):
+                       dtype: Optional[torch.dtype] = None, config=None):
     """LDM state dict -> (MultiViewDiffusionModel, ConversionReport).
 
-    ``unet``: MultiViewUNetConfig, "sd21-base" or a JSON path. ``clip``: an OpenCLIP
-    ``model_cfg`` dict, architecture name or JSON path (default ViT-H-14).
+    ``unet``: MultiViewUNetConfig, "sd21-base", a JSON path, or None / "auto" (from
+    ``config``, else inferred from the tensors). ``config``: the release's LDM YAML (path or
+    :class:`~guidance.multiview.ldm_config.LdmConfig`): UNet and VAE sizes, conditioner,
+    schedule, prediction type. ``clip``: an OpenCLIP ``model_cfg`` dict, architecture name
+    or JSON path (None / "auto": the config's, else ViT-H-14).
     ``convention``: camera convention stored in the model info; None = "isotropic3d-release"
     for image conditioning (the released Isotropic3D behaviour), "mvdream" otherwise.
     The model has real tensors only when the report has no missing keys or allow_missing.
     """
     from engine.registry import get
-    from guidance.multiview.model import ModelInfo, MultiViewDiffusionModel
+    from guidance.multiview.ldm_config import schedule_differs
+    from guidance.multiview.model import SCHEDULER_KWARGS, ModelInfo, MultiViewDiffusionModel
     from guidance.multiview.openclip import load_into_clip
     from guidance.multiview.unet import build_unet
 
-    unet_cfg = _unet_config(unet)
+    ldm = _ldm_config(config)
     report = ConversionReport(total=len(sd))
     groups = split_checkpoint(sd)
-    report.unknown.extend(sorted(groups["unknown"]))
-    if groups["ema"]:
-        report.ignored["EMA copies (model_ema.*)"] = sorted(EMA_PREFIX + k for k in groups["ema"])
-    report.schedule = check_schedule(groups["schedule"])
-    if "logvar" in groups["schedule"]:
-        report.ignored["training-only buffer"] = ["logvar"]
-
     if not groups["unet"]:
         raise UserError(f"no UNet tensors ({UNET_PREFIX}*) in the checkpoint; is it an "
                         "MVDream / Isotropic3D checkpoint?")
+    unet_cfg, where = resolve_unet(unet, ldm, groups["unet"])
+    report.architecture.append(where)
+    report.unknown.extend(sorted(groups["unknown"]))
+    if groups["ema"]:
+        report.ignored["EMA copies (model_ema.*)"] = sorted(EMA_PREFIX + k for k in groups["ema"])
+    betas = dict(start=ldm.beta_start, end=ldm.beta_end) if ldm is not None else {}
+    report.schedule = check_schedule(groups["schedule"], **betas)
+    if schedule_differs(ldm):
+        report.architecture.append(f"schedule: scaled-linear betas {ldm.beta_start}.."
+                                   f"{ldm.beta_end} (from {ldm.path})")
+    if "logvar" in groups["schedule"]:
+        report.ignored["training-only buffer"] = ["logvar"]
+
     unet_state, unconsumed = ldm_unet_to_diffusers(groups["unet"], unet_cfg)
     report.unknown.extend(UNET_PREFIX + k for k in unconsumed)
     unet_mod, missing, unexpected = load_into(lambda: build_unet(unet_cfg), unet_state, "UNet",
@@ -358,10 +433,13 @@ def convert_state_dict(sd: Dict[str, Tensor], unet=None, clip=None,
     report.missing["unet"], report.unexpected["unet"] = missing, unexpected
 
     vae_mod = None
+    ldm_vae = ldm.vae if ldm is not None else None
     if groups["vae"]:
         from diffusers import AutoencoderKL
 
-        vae_config = infer_vae_config(groups["vae"])
+        vae_config = ldm_vae or infer_vae_config(groups["vae"])
+        report.architecture.append(f"vae sizes: from {ldm.path} (first_stage_config)"
+                                   if ldm_vae else "vae sizes: read from the tensors")
         vae_state, unconsumed = ldm_vae_to_diffusers(groups["vae"], vae_config)
         report.unknown.extend(VAE_PREFIX + k for k in unconsumed)
         vae_mod, missing, unexpected = load_into(lambda: AutoencoderKL(**vae_config),
@@ -376,15 +454,17 @@ def convert_state_dict(sd: Dict[str, Tensor], unet=None, clip=None,
 
             from guidance.multiview.model import SD_VAE_CONFIG
 
-            vae_mod = AutoencoderKL(**dict(SD_VAE_CONFIG, latent_channels=unet_cfg.in_channels))
+            vae_mod = AutoencoderKL(**(ldm_vae or dict(SD_VAE_CONFIG,
+                                                       latent_channels=unet_cfg.in_channels)))
     report.space = "latent" if vae_mod is not None else "pixel"
 
     conditioner = None
     clip_sd = groups["clip"]
     if clip_sd:
         kind = "image" if any(k.startswith("visual.") for k in clip_sd) else "text"
+        _check_conditioner(ldm, "openclip-" + kind)
         report.conditioning = kind
-        model_cfg = _clip_config(clip)
+        model_cfg = _clip_config(clip, ldm)
         clip_mod, missing, unused = load_into_clip(model_cfg, clip_sd, kind)
         report.converted["conditioner"] = len(clip_sd) - len(unused)
         report.missing["conditioner"] = missing
@@ -393,31 +473,53 @@ def convert_state_dict(sd: Dict[str, Tensor], unet=None, clip=None,
                 CLIP_PREFIX + k for k in unused)
         if not missing:
             conditioner = get("conditioner", "openclip-" + kind).from_clip(clip_mod, model_cfg)
-    else:
-        report.conditioning = None
+    if groups["clip_hf"]:
+        _check_conditioner(ldm, "hf-clip-text")
+        report.conditioning = report.conditioning or "text"
+        report.not_converted[HF_CLIP_REASON] = sorted(HF_CLIP_PREFIX + k
+                                                      for k in groups["clip_hf"])
     report.convention = convention or ("isotropic3d-release" if report.conditioning == "image"
                                        else "mvdream")
     if not report.ok(allow_missing):
         return None, report
 
     factor = 2 ** (len(vae_mod.config.block_out_channels) - 1) if vae_mod is not None else 1
+    extra_info = {}
+    if ldm is not None:
+        extra_info["prediction_type"] = ldm.prediction_type
+        if vae_mod is not None:
+            extra_info["latent_scale"] = float(vae_mod.config.scaling_factor)
     info = ModelInfo(space=report.space, image_size=unet_cfg.sample_size * factor,
                      camera_convention=report.convention,
-                     conditioning=report.conditioning or "image", unet=unet_cfg.to_dict())
-    model = MultiViewDiffusionModel(unet_mod, info, vae=vae_mod, conditioner=conditioner)
+                     conditioning=report.conditioning or "image", unet=unet_cfg.to_dict(),
+                     **extra_info)
+    scheduler = (dict(SCHEDULER_KWARGS, beta_start=ldm.beta_start, beta_end=ldm.beta_end)
+                 if schedule_differs(ldm) else None)
+    model = MultiViewDiffusionModel(unet_mod, info, vae=vae_mod, conditioner=conditioner,
+                                    scheduler_config=scheduler)
     if dtype is not None:
         model.to(dtype)
     return model, report
 
 
-def convert_file(src, out, unet="sd21-base", clip=None, convention: Optional[str] = None,
+def _check_conditioner(ldm, found: str) -> None:
+    """A one-line UserError when the config names another conditioner than the tensors."""
+    if ldm is not None and ldm.conditioner_target and ldm.conditioner != found:
+        raise UserError(f"config {Path(ldm.path).name}: cond_stage_config.target "
+                        f"{ldm.conditioner_target} does not match the checkpoint's "
+                        f"cond_stage_model tensors (a {found} encoder)")
+
+
+def convert_file(src, out, unet="auto", clip=None, convention: Optional[str] = None,
                  allow_missing: bool = False, dtype: Optional[torch.dtype] = None,
-                 extra: Optional[dict] = None, echo: bool = True) -> ConversionReport:
+                 extra: Optional[dict] = None, echo: bool = True,
+                 config=None) -> ConversionReport:
     """Convert ``src`` into the folder ``out``. Raises UserError (with the summary) when keys
     are missing and not allowed; prints the summary when ``echo``."""
+    ldm = _ldm_config(config)          # a bad config fails before the checkpoint is read
     sd = load_checkpoint(src)
     model, report = convert_state_dict(sd, unet=unet, clip=clip, convention=convention,
-                                       allow_missing=allow_missing, dtype=dtype)
+                                       allow_missing=allow_missing, dtype=dtype, config=ldm)
     if echo:
         print(report.summary())
     if model is None:
@@ -426,6 +528,8 @@ def convert_file(src, out, unet="sd21-base", clip=None, convention: Optional[str
                         "allow_missing=true keeps random weights for them)")
     source = {"source": {"path": str(Path(src).resolve()), "size": Path(src).stat().st_size,
                          "mtime": Path(src).stat().st_mtime}}
+    if report.not_converted:
+        source["not_converted"] = {why: len(keys) for why, keys in report.not_converted.items()}
     model.save_pretrained(out, extra={**source, **(extra or {})})
     if echo:
         print(f"wrote {out}")
@@ -437,10 +541,14 @@ def command():
     from engine.cli import Command, Key
 
     return Command("python -m guidance.multiview.convert", __doc__, [
-        Key("unet", str, "sd21-base",
-            help="UNet size: sd21-base or a JSON file of MultiViewUNetConfig fields"),
-        Key("clip", str, "ViT-H-14",
-            help="OpenCLIP architecture of the conditioner (name or JSON model_cfg)"),
+        Key("config", str, None,
+            help="the release's LDM model config (YAML: model.params.unet_config ...)"),
+        Key("unet", str, "auto",
+            help="UNet size: auto (from config=, else inferred from the tensors), sd21-base "
+                 "or a JSON file of MultiViewUNetConfig fields"),
+        Key("clip", str, "auto",
+            help="OpenCLIP architecture of the conditioner (auto: the config's, else "
+                 "ViT-H-14; a name or JSON model_cfg)"),
         Key("convention", str, "auto", choices=("auto", "mvdream", "isotropic3d-release"),
             help="camera convention stored in the model (auto: isotropic3d-release for "
                  "image-conditioned checkpoints, mvdream for text)"),
@@ -459,9 +567,12 @@ def run(argv: List[str]) -> int:
     args = command().parse(argv)
     report = convert_file(args.src, args.out, unet=args.unet, clip=args.clip,
                           convention=None if args.convention == "auto" else args.convention,
-                          allow_missing=args.allow_missing, dtype=DTYPES.get(args.dtype))
+                          allow_missing=args.allow_missing, dtype=DTYPES.get(args.dtype),
+                          config=args.config)
     if report.has_missing():
         print("warning: missing tensors kept their random initialisation", file=sys.stderr)
+    if report.not_converted:
+        print("warning: not converted: " + "; ".join(report.not_converted), file=sys.stderr)
     return 0
 
 

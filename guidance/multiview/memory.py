@@ -127,7 +127,12 @@ def prior_architecture(model: str, conditioning: str = "auto") -> PriorArchitect
     a converted folder's own configuration, else the released architecture (image
     conditioning for Isotropic3D and for unknown checkpoints, text for MVDream)."""
     from guidance.multiview.pretrained import KNOWN_HUB_MODELS
+    from guidance.multiview.random_models import RANDOM_MODELS, check_random, is_random
 
+    if is_random(model):
+        kind = RANDOM_MODELS[check_random(model)][0]
+        kind = conditioning if conditioning in CONTEXT_TOKENS else kind
+        return _released(kind, f"{model}: the released architecture with random weights")
     folder = _local_folder(model)
     if folder is not None:
         arch = _from_folder(folder)

@@ -9,6 +9,8 @@
   into ``<stem>.engine/`` next to it (or, when that folder is not writable, under
   ``~/.cache/distill-engine/converted/``), then loaded; the cache is redone when the source
   file changes size or time;
+* ``random:isotropic3d`` / ``random:mvdream``: the released architecture with random weights
+  (:mod:`guidance.multiview.random_models`: real sizes without the real weights);
 * a Hugging Face hub id: ``pkunliu/Isotropic3D`` and ``MVDream/MVDream`` name their released
   checkpoint files; ``org/repo:FILE`` picks a file; any other ``org/repo`` must be a
   converted folder (downloaded whole).
@@ -131,8 +133,10 @@ def _cache_is_fresh(folder: Path, src: Path) -> bool:
     return stamp.get("size") == now["size"] and abs(stamp.get("mtime", -1) - now["mtime"]) < 1e-3
 
 
-def convert_cached(src: Path, unet="sd21-base", clip=None, echo: bool = True) -> Path:
-    """Convert ``src`` once into its cache folder (atomic rename); returns the folder."""
+def convert_cached(src: Path, unet="auto", clip=None, echo: bool = True) -> Path:
+    """Convert ``src`` once into its cache folder (atomic rename); returns the folder. The
+    UNet's sizes are inferred from the checkpoint (``unet="auto"``; convert by hand with
+    ``config=`` for a model whose attention heads are not the SD convention)."""
     from guidance.multiview.convert import convert_file
 
     src = Path(src)
@@ -204,7 +208,11 @@ def _probe_hub(name: str, key: str) -> Tuple[Path, str, Optional[str]]:
 def check_available(name_or_path: str, key: str = DEFAULT_KEY) -> None:
     """Raise the one-line UserError that loading would raise, without loading weights."""
     from guidance.multiview.model import read_index
+    from guidance.multiview.random_models import check_random, is_random
 
+    if is_random(name_or_path):
+        check_random(name_or_path, key)
+        return
     local, kind, _ = _resolve(name_or_path, key, fetch=False)
     if kind == "folder":
         read_index(local)
@@ -226,7 +234,15 @@ def load_multiview_model(name_or_path: str, device=None, dtype: Optional[torch.d
     folder's; for a known hub checkpoint, that of its released code).
     """
     from guidance.multiview.model import MultiViewDiffusionModel
+    from guidance.multiview.random_models import check_random, is_random, random_release_model
 
+    if is_random(name_or_path):
+        check_random(name_or_path, key)
+        model = random_release_model(name_or_path, device=device, dtype=dtype,
+                                     load_conditioner=load_conditioner)
+        if convention:
+            model.info.camera_convention = convention
+        return model
     local, kind, hint = _resolve(name_or_path, key, fetch=True)
     folder = convert_cached(local) if kind == "checkpoint" else local
     overrides = {}

@@ -10,13 +10,18 @@ stock diffusers parts:
   :class:`MultiViewAttnProcessor`, which reshapes tokens (b*v, l, c) -> (b, v*l, c), attends,
   and splits back. Cross-attention and feed-forward stay per view; no weight is added.
 
+MVDream's sd-v1.5-4view is the SD 1.5 UNet with the same two changes: 1x1-convolution
+projections in its transformers (``use_linear_projection: false``), 8 heads a level, a 768-wide
+context. :mod:`guidance.multiview.ldm_config` reads any such size from the release's LDM YAML or
+infers it from a checkpoint.
+
 Batches must be view-contiguous: all views of object 0, then object 1, ...
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from torch import Tensor
 
@@ -32,7 +37,16 @@ SD21_BASE = dict(
 
 @dataclass
 class MultiViewUNetConfig:
-    """Sizes of the UNet. ``preset: sd21-base`` is MVDream's; anything else is explicit."""
+    """Sizes of the UNet. ``preset: sd21-base`` is MVDream's; anything else is explicit.
+
+    ``attention_head_dim`` holds the number of attention HEADS per level (diffusers' naming
+    quirk, kept for SD 2.x compatibility). ``use_linear_projection``: the transformers'
+    proj_in/proj_out are Linear layers (SD 2.x, MVDream sd-v2.1) or, when False, 1x1
+    convolutions (SD 1.x, MVDream sd-v1.5). ``transformer_layers_per_block``: transformer
+    blocks in each spatial transformer, one number or one per level (the middle block uses
+    the last level's). Configs saved before these fields existed load with the defaults,
+    which are the old behaviour.
+    """
 
     sample_size: int = 32
     in_channels: int = 4
@@ -47,10 +61,20 @@ class MultiViewUNetConfig:
     # SD 2.1. Small models drop the finest level: its joint attention over V*H*W tokens is
     # most of a step's cost (toy model, 4 x 32 x 32 tokens: 1.2 s -> 0.45 s a step on 2 cores)
     attention_levels: Optional[List[bool]] = None
+    use_linear_projection: bool = True
+    transformer_layers_per_block: Union[int, List[int]] = 1
 
     def __post_init__(self):
         if len(self.block_out_channels) != len(self.attention_head_dim):
             raise ConfigError("attention_head_dim: needs one entry per block_out_channels level")
+        depth = self.transformer_layers_per_block
+        depths = depth if isinstance(depth, (list, tuple)) else [depth]
+        if isinstance(depth, (list, tuple)) and len(depth) != len(self.block_out_channels):
+            raise ConfigError("transformer_layers_per_block: needs one number or one per "
+                              "block_out_channels level")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in depths):
+            raise ConfigError(f"transformer_layers_per_block: {depth} is not a whole number "
+                              ">= 1 (or a list of them)")
         if self.attention_levels is not None:
             if len(self.attention_levels) != len(self.block_out_channels):
                 raise ConfigError("attention_levels: needs one true/false per "
@@ -74,13 +98,16 @@ class MultiViewUNetConfig:
             levels = [True] * (n - 1) + [False]
         down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels]
         up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)]
+        depth = self.transformer_layers_per_block
         return dict(
             sample_size=self.sample_size, in_channels=self.in_channels,
             out_channels=self.out_channels, block_out_channels=tuple(self.block_out_channels),
             layers_per_block=self.layers_per_block,
             attention_head_dim=tuple(self.attention_head_dim),
             cross_attention_dim=self.cross_attention_dim, down_block_types=tuple(down),
-            up_block_types=tuple(up), use_linear_projection=True,
+            up_block_types=tuple(up), use_linear_projection=self.use_linear_projection,
+            transformer_layers_per_block=tuple(depth) if isinstance(depth, (list, tuple))
+            else depth,
             flip_sin_to_cos=True, freq_shift=0, norm_num_groups=self.norm_num_groups,
             class_embed_type="projection",
             projection_class_embeddings_input_dim=self.camera_dim,
