@@ -81,7 +81,8 @@ class Schedule:
         (s0, v0), (s1, v1) = self.points[i - 1], self.points[i]
         if s1 == s0:
             return v1
-        return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+        # the fraction first, as threestudio's C(): the released t-range to the last step
+        return v0 + (v1 - v0) * ((step - s0) / (s1 - s0))
 
     def values(self) -> List[float]:
         return [v for _, v in self.points]
