@@ -87,6 +87,32 @@ def stage_phases(cfg, sname: str) -> List[Phase]:
     return phases
 
 
+def phase_overrides(cfg, steps_per_phase: int = 2) -> List[str]:
+    """``key=value`` overrides that shorten every stage of a loaded config to
+    ``steps_per_phase`` steps per phase, keeping every phase (render size and camera groups
+    switch at the same places, in order): a real recipe's every resolution in a few steps.
+
+    Example: isotropic3d's NeRF stage (64 px x 8 renders to step 4999, then 256 px x 4)
+    becomes ``stages.nerf.steps=4``, resolution ``[[0, 64], [2, 256]]`` and camera groups
+    ``[[0, 2], [2, 1]]`` (step mode)."""
+    import json
+
+    out: List[str] = []
+    for sname in cfg.stages:
+        phases = stage_phases(cfg, sname)
+        k = steps_per_phase
+        out.append(f"stages.{sname}.steps={k * len(phases)}")
+        sizes = [[i * k, p.size] for i, p in enumerate(phases)]
+        out.append(f"stages.{sname}.resolution=" + json.dumps({"points": sizes, "mode": "step"}))
+        ccfg = cfg.components[sname]["cameras"][1]
+        views = getattr(ccfg, "views", None)
+        if hasattr(ccfg, "groups") and views:
+            groups = [[i * k, p.batch // views] for i, p in enumerate(phases)]
+            out.append(f"stages.{sname}.cameras.groups="
+                       + json.dumps({"points": groups, "mode": "step"}))
+    return out
+
+
 def representation_bytes(cfg, sname: str, phase: Phase,
                          sizes: Tuple[int, int] = MEASURE_SIZES) -> int:
     """Bytes of the stage's representation training at ``phase``: its parameters plus one
@@ -193,5 +219,5 @@ def estimate_summary(cfg, device_type: str, recipe: str = "") -> Tuple[str, Dict
     return format_estimate(phases, device_type, recipe), per_stage
 
 
-__all__ = ["Phase", "stage_phases", "representation_bytes", "estimate_run",
+__all__ = ["Phase", "stage_phases", "phase_overrides", "representation_bytes", "estimate_run",
            "format_estimate", "estimate_summary", "MEASURE_SIZES"]

@@ -278,6 +278,8 @@ class Trainer:
         bar = _progress(stage.steps, start_step, f"{sname} ({si + 1}/{len(self.cfg.stages)})",
                         out.progress)
         nan_streak = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.time()
         for step in range(start_step, stage.steps):
             info = StepInfo(sname, si, step, stage.steps, global_step + step)
@@ -306,6 +308,10 @@ class Trainer:
                       "global_step": global_step + step, "time": round(time.time() - t0, 4),
                       "loss": float(total.detach()) if total is not None else None,
                       "skipped": not finite, **lrs, **logged}
+            if self.device.type == "cuda":
+                # the peak since the stage began (GiB): what --estimate predicts
+                record["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device)
+                                                / 2**30, 3)
             log.write(record)
             bar.update(1)
             postfix = {"loss": f"{record['loss']:.4g}" if finite else "skip"}
