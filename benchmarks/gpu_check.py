@@ -154,7 +154,13 @@ def real_size_argv(recipe: str, out: str, device: str, steps_per_phase: int = 2)
     argv += phase_overrides(cfg, steps_per_phase)
     for i, sname in enumerate(cfg.stages):
         argv.append(f"stages.{sname}.guidance.model={model}")
-        if hasattr(cfg.components[sname]["representation"][1], "shading"):
+        rcfg = cfg.components[sname]["representation"][1]
+        if cfg.stages[sname].init_from is not None and hasattr(rcfg, "init_threshold"):
+            # a few steps of a random model leave the NeRF at its initial blob (peak density
+            # 10), under the recipe's level 25: start the mesh at level 5 so that there is a
+            # surface to refine and export
+            argv.append(f"stages.{sname}.representation.init_threshold=5.0")
+        if hasattr(rcfg, "shading"):
             # shaded renders (not only albedo) from the first stage's second phase on, as
             # the recipe's switch at step 5000
             argv.append(f"stages.{sname}.representation.shading.ambient_only_steps="
