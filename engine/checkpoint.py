@@ -23,6 +23,11 @@ from torch import Tensor
 from engine.errors import UserError
 
 META_KEY = "engine"
+
+
+class NonFiniteState(ValueError):
+    """:func:`save` was asked to write NaN/inf tensors (it writes nothing)."""
+
 NAME_RE = re.compile(r"^(\d+)-(.+)-(\d+)\.safetensors$")
 
 
@@ -85,6 +90,10 @@ def save(path: Path, *, modules: Dict[str, torch.nn.Module],
         tensors.update(opt_tensors)
     # safetensors wants contiguous, unshared CPU tensors
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    bad = nonfinite_tensors(tensors)
+    if bad:   # never write a state that cannot be resumed from
+        raise NonFiniteState(f"not saving {path.name}: non-finite values in "
+                             f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
     atomic_write(path, lambda p: save_file(tensors, str(p),
                                            metadata={META_KEY: json.dumps(meta)}))
     return path
@@ -106,15 +115,60 @@ def load(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     return tensors, meta
 
 
+class CheckpointMismatch(UserError):
+    """A checkpoint's tensors do not fit the modules built from the config (a size or a
+    parameter name differs); ``component`` is the prefix that failed (``representation``)."""
+
+    def __init__(self, component: str, detail: str):
+        super().__init__(f"{component}: {detail}")
+        self.component = component
+        self.detail = detail
+
+
+def _mismatch(module: torch.nn.Module, sub: Dict[str, Tensor]) -> Optional[str]:
+    """The first way ``sub`` does not fit ``module``'s state dict, in words (None: it fits)."""
+    own = module.state_dict()
+    for key, value in own.items():
+        if key not in sub:
+            return f"the checkpoint has no tensor '{key}'"
+        if tuple(sub[key].shape) != tuple(value.shape):
+            return (f"tensor '{key}' is {list(sub[key].shape)} in the checkpoint but "
+                    f"{list(value.shape)} in the model the config builds")
+    extra = sorted(set(sub) - set(own))
+    if extra:
+        return f"the checkpoint has tensors the model does not: {', '.join(extra[:3])}"
+    return None
+
+
 def restore(tensors: Dict[str, Tensor], meta: Dict[str, Any], *,
             modules: Dict[str, torch.nn.Module],
             optimizer: Optional[torch.optim.Optimizer]) -> None:
-    """Load what :func:`save` wrote back into live modules and optimiser."""
+    """Load what :func:`save` wrote back into live modules and optimiser (strictly: a
+    tensor that is missing, extra or of another shape raises CheckpointMismatch)."""
     for prefix, module in modules.items():
         sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-        module.load_state_dict(sub, strict=True)
+        problem = _mismatch(module, sub)
+        if problem is not None:
+            raise CheckpointMismatch(prefix, problem)
+        try:
+            module.load_state_dict(sub, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointMismatch(prefix, str(exc).splitlines()[-1].strip()) from None
     if optimizer is not None and "optimizer" in meta:
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointMismatch("optimizer", str(exc).splitlines()[0]) from None
+
+
+def nonfinite_tensors(tensors: Dict[str, Tensor]) -> List[str]:
+    """Names of the floating-point tensors holding NaN or inf (one reduction per tensor)."""
+    bad = []
+    for name, value in tensors.items():
+        if value.is_floating_point() and value.numel() and \
+                not bool(torch.isfinite(value.sum(dtype=torch.float64))):
+            bad.append(name)
+    return bad
 
 
 def list_checkpoints(folder: Path) -> List[Path]:

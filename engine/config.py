@@ -12,6 +12,7 @@ the full key, e.g. ``stages.fit.optimizer.lr.gird: unknown key (did you mean 'gr
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -304,11 +305,29 @@ def validate(schema: type, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, (dict, DictConfig)):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got "
                           f"{type(data).__name__} {data!r}")
+    check_finite(data, prefix)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
         return _instantiate(merged, prefix)
     except oc_errors.OmegaConfBaseException as exc:
         raise _format_oc_error(exc, prefix) from None
+
+
+def check_finite(data: Any, prefix: str = "") -> None:
+    """Refuse NaN and inf anywhere in ``data`` (every numeric value of every config: run
+    settings, schedules, plugin settings), naming the full key. Part of :func:`validate`, so
+    it covers every component's ``Config`` too."""
+    if isinstance(data, (DictConfig, ListConfig)):
+        data = OmegaConf.to_container(data, resolve=False)
+    if isinstance(data, dict):
+        for k, v in data.items():
+            check_finite(v, f"{prefix}{k}.")
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            check_finite(v, f"{prefix}{i}.")
+    elif isinstance(data, float) and not math.isfinite(data):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a finite number, got "
+                          f"{data}")
 
 
 def _instantiate(node: Any, path: str) -> Any:

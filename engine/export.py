@@ -10,8 +10,15 @@ UV space (each texel centre -> the 3D point of the surface it covers -> ``rep.al
 dilated into the gutters between charts so seams do not show under bilinear filtering and
 mip-mapping -> files written with trimesh.
 
-Exported vertices are in the engine's world frame (z up) unless ``y_up`` is set, which
-rotates them to glTF's y-up convention.
+Frames of the files. The engine's world is z up, the input picture seen from +x
+(``engine.cameras``). glTF defines +Y up and +Z as the front (towards a viewer's default
+camera), so the GLB holds ``ENGINE_TO_Y_UP @ p``: file (X, Y, Z) = engine (y, z, x), a rotation
+(det +1: handedness and triangle winding unchanged) that puts the object upright and its
+pictured side towards the viewer. The OBJ uses the same y-up frame by default (what Blender's
+and most tools' OBJ import expect) and says so in its first line; ``y_up: false`` writes it in
+the engine's z-up frame. :func:`file_to_engine` undoes the file's frame when a file is read
+back (``engine.evaluate`` does), so scores do not depend on it. The GLB carries vertex normals
+(area-weighted, computed before the UV atlas splits vertices along seams, so seams stay smooth).
 """
 
 from __future__ import annotations
@@ -72,7 +79,9 @@ class ExportConfig:
     decimate_faces: int = 20000
     remove_floaters: bool = True     # drop disconnected components smaller than ...
     floater_diameter: float = 0.1    # ... this fraction of the mesh's bounding-box diagonal
-    y_up: bool = False               # rotate z-up world to y-up (glTF) in the files
+    # the OBJ's up axis: +Y (true; Blender's and most tools' OBJ import) or the engine's +Z
+    # (false). The GLB is always +Y up, as glTF defines it.
+    y_up: bool = True
     turntable: TurntableConfig = field(default_factory=TurntableConfig)
 
     def __post_init__(self):
@@ -175,21 +184,77 @@ def bake_texture(albedo_fn, vertices: Tensor, faces_uv: Tensor, uvs: Tensor, siz
 # export
 # ---------------------------------------------------------------------------------------
 
-_Z_UP_TO_Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+# file (X, Y, Z) = engine (y, z, x): engine up (+z) -> +Y, the picture's viewpoint (+x) -> +Z
+# (glTF's front), the picture's right (+y) -> +X. A cyclic permutation: a proper rotation.
+ENGINE_TO_Y_UP = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+# the OBJ's first line names its frame; file_to_engine reads it back
+OBJ_Y_UP_LINE = "# up +Y (distill-engine: file X, Y, Z = engine y, z, x)"
+OBJ_Z_UP_LINE = "# up +Z (distill-engine: the engine's frame)"
+GLTF_EXTRAS_KEY = "distill_engine"
+
+
+def file_to_engine(path) -> np.ndarray:
+    """The rotation [3, 3] taking a mesh file's coordinates to the engine's z-up frame.
+
+    glTF (.glb / .gltf) is +Y up by definition: any GLB, ours or another tool's, is turned by
+    ``ENGINE_TO_Y_UP.T``. An OBJ whose first line is :data:`OBJ_Y_UP_LINE` (this module's
+    default OBJ) likewise; any other OBJ or format is taken as z up (the engine's frame: the
+    toy world's and ``examples/toy``'s reference meshes) and left as it is.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".glb", ".gltf"):
+        return ENGINE_TO_Y_UP.T.copy()
+    if suffix == ".obj":
+        try:
+            with open(path, "r", encoding="utf-8", errors="replace") as f:
+                head = f.readline().rstrip("\r\n")
+        except OSError:
+            head = ""
+        if head == OBJ_Y_UP_LINE:
+            return ENGINE_TO_Y_UP.T.copy()
+    return np.eye(3)
 
 
 def textured_mesh(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
-                  texture: np.ndarray, y_up: bool = False):
-    """A trimesh.Trimesh carrying ``texture`` [H, W, 3] uint8 through ``uvs`` [V, 2]."""
+                  texture: np.ndarray, normals: Optional[np.ndarray] = None):
+    """A trimesh.Trimesh carrying ``texture`` [H, W, 3] uint8 through ``uvs`` [V, 2], in the
+    engine's frame, with vertex ``normals`` [V, 3] (default: trimesh's, from the faces)."""
     import trimesh
     from PIL import Image
 
-    v = vertices @ _Z_UP_TO_Y_UP.T if y_up else vertices
     material = trimesh.visual.material.PBRMaterial(
         baseColorTexture=Image.fromarray(texture), metallicFactor=0.0, roughnessFactor=1.0,
         name="albedo")
     visual = trimesh.visual.TextureVisuals(uv=uvs, material=material)
-    return trimesh.Trimesh(vertices=v, faces=faces, visual=visual, process=False)
+    mesh = trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
+    if normals is None:
+        normals = mesh.vertex_normals
+    return trimesh.Trimesh(vertices=vertices, faces=faces, vertex_normals=normals,
+                           visual=visual, process=False)
+
+
+def rotated(mesh, rotation: np.ndarray):
+    """A copy of a textured trimesh with vertices and normals turned by ``rotation`` [3, 3]
+    (a proper rotation: the faces' winding keeps its meaning)."""
+    import trimesh
+
+    return trimesh.Trimesh(vertices=np.asarray(mesh.vertices) @ rotation.T,
+                           faces=np.asarray(mesh.faces),
+                           vertex_normals=np.asarray(mesh.vertex_normals) @ rotation.T,
+                           visual=mesh.visual, process=False)
+
+
+def outward(vertices: np.ndarray, faces: np.ndarray):
+    """(faces, vertex normals [V, 3]) of a surface with its triangles wound outwards
+    (counter-clockwise seen from outside, as glTF and OBJ expect): reversed when the signed
+    volume is negative. The normals are trimesh's area-weighted ones."""
+    import trimesh
+
+    mesh = trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
+    if mesh.volume < 0:
+        mesh = trimesh.Trimesh(vertices=vertices, faces=faces[:, ::-1].copy(), process=False)
+    return np.asarray(mesh.faces), np.asarray(mesh.vertex_normals, dtype=np.float64)
 
 
 def export_representation(rep, out_dir, cfg: ExportConfig,
@@ -225,9 +290,12 @@ def export_representation(rep, out_dir, cfg: ExportConfig,
                              "object is empty at the representation's surface threshold; lower "
                              "it (isosurface_threshold / init_threshold) or train longer, then "
                              "re-export with python -m engine.run resume=RUN_DIR")
+        faces, normals = outward(verts, faces)
         vmap, faces_uv, uvs = uv_atlas(verts, faces, cfg.texture_size,
                                        padding=max(1, cfg.texture_padding // 2))
         atlas_verts = verts[vmap]
+        # normals of the welded surface, so the atlas's seams do not show as creases
+        normals = normals[vmap]
 
         def albedo_fn(points):
             return rep.albedo(points.to(device))
@@ -239,27 +307,56 @@ def export_representation(rep, out_dir, cfg: ExportConfig,
     finally:
         rep.train(was_training)
     tex8 = (texture.cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-    mesh = textured_mesh(atlas_verts, faces_uv, uvs, tex8, y_up=cfg.y_up)
-    return write_mesh(mesh, out, cfg.formats)
+    mesh = textured_mesh(atlas_verts, faces_uv, uvs, tex8, normals=normals)
+    return write_mesh(mesh, out, cfg.formats, obj_y_up=cfg.y_up)
 
 
-def write_mesh(mesh, out: Path, formats: List[str], stem: str = "mesh") -> Dict[str, str]:
-    """Write a textured trimesh as GLB and/or OBJ + MTL + PNG; returns the paths."""
+def _gltf_tree(tree: dict) -> None:
+    """Finish trimesh's glTF tree: the asset's extras say which frame the file holds (glTF's
+    +Y up) and how it maps to the engine's (for people and tools reading it;
+    :func:`file_to_engine` needs no note), and every vertex / index buffer view gets the
+    ``target`` the Khronos validator hints at."""
+    asset = tree.setdefault("asset", {})
+    asset["generator"] = "distill-engine (trimesh)"
+    asset.setdefault("extras", {})[GLTF_EXTRAS_KEY] = {
+        "up": "+Y", "front": "+Z", "engine_to_file": ENGINE_TO_Y_UP.tolist()}
+    accessors, views = tree.get("accessors", []), tree.get("bufferViews", [])
+
+    def target(accessor: int, kind: int) -> None:
+        view = accessors[accessor].get("bufferView")
+        if view is not None and "byteStride" not in views[view]:
+            views[view].setdefault("target", kind)
+
+    for mesh in tree.get("meshes", []):
+        for prim in mesh.get("primitives", []):
+            for accessor in prim.get("attributes", {}).values():
+                target(accessor, 34962)                 # ARRAY_BUFFER
+            if "indices" in prim:
+                target(prim["indices"], 34963)          # ELEMENT_ARRAY_BUFFER
+
+
+def write_mesh(mesh, out: Path, formats: List[str], stem: str = "mesh",
+               obj_y_up: bool = True) -> Dict[str, str]:
+    """Write a textured trimesh in the engine's frame as GLB (+Y up, with normals) and/or
+    OBJ + MTL + PNG (+Y up unless ``obj_y_up`` is false); returns the paths."""
     import trimesh
     from PIL import Image
 
+    y_up = rotated(mesh, ENGINE_TO_Y_UP)
     written: Dict[str, str] = {}
     if "glb" in formats:
         path = out / f"{stem}.glb"
-        path.write_bytes(trimesh.exchange.gltf.export_glb(mesh))
+        path.write_bytes(trimesh.exchange.gltf.export_glb(
+            y_up, include_normals=True, tree_postprocessor=_gltf_tree))
         written["glb"] = str(path)
     if "obj" in formats:
         tex_name = f"{stem}_albedo.png"
         mtl_name = f"{stem}.mtl"
         obj_text, _ = trimesh.exchange.obj.export_obj(
-            mesh, include_normals=True, include_texture=True, return_texture=True,
-            mtl_name=mtl_name)
-        (out / f"{stem}.obj").write_text(obj_text)
+            y_up if obj_y_up else mesh, include_normals=True, include_texture=True,
+            return_texture=True, mtl_name=mtl_name)
+        frame = OBJ_Y_UP_LINE if obj_y_up else OBJ_Z_UP_LINE
+        (out / f"{stem}.obj").write_text(f"{frame}\n{obj_text}")
         used = re.search(r"^usemtl (\S+)", obj_text, flags=re.M)
         # our own MTL: full-white Kd (trimesh's default grey would darken the texture in
         # viewers that multiply) and a stable texture file name

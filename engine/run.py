@@ -144,7 +144,7 @@ def run(argv: List[str]) -> int:
             if preflight is not None:
                 preflight(ccfg, key=f"stages.{sname}.{field_name}")
     inputs = _load_inputs(cfg)
-    return _train(cfg, resolved, device, inputs, resume_ckpt)
+    return _train(cfg, resolved, device, inputs, resume_ckpt, saved)
 
 
 def _estimate(cfg, recipe: str) -> int:
@@ -169,12 +169,16 @@ def _load_inputs(cfg):
     return RunInputs(image=image, prompt=cfg.inputs.prompt)
 
 
-def _train(cfg, resolved, device, inputs, resume_ckpt) -> int:
+def _train(cfg, resolved, device, inputs, resume_ckpt, saved=None) -> int:
+    """Train in a new run folder, or continue one. A resume is a transaction: the folder is
+    locked, then the checkpoint, the config and the modules' sizes are all checked
+    (Trainer.prepare_resume) before config.yaml or metrics.jsonl is touched, so a refused
+    resume leaves the folder exactly as it was."""
     import torch
 
     from engine import config
     from engine.checkpoint import atomic_write_text
-    from engine.outputs import choose_run_dir
+    from engine.outputs import RunLock, create_run_dir
     from engine.trainer import Interrupted, Trainer
 
     torch.use_deterministic_algorithms(cfg.system.deterministic, warn_only=True)
@@ -182,24 +186,27 @@ def _train(cfg, resolved, device, inputs, resume_ckpt) -> int:
         torch.set_num_threads(cfg.system.threads)
     if resume_ckpt is not None:
         run_dir = resume_ckpt.parent.parent
+        lock = RunLock(run_dir).acquire()
     else:
         o = cfg.output
-        run_dir = choose_run_dir(o.root, cfg.recipe, o.name, o.dir, cfg.inputs.image,
-                                 cfg.inputs.prompt)
-        run_dir.mkdir(parents=True)
-    atomic_write_text(run_dir / "config.yaml", config.to_yaml(resolved))
-    trainer = Trainer(cfg, resolved, run_dir, inputs, device)
-    try:
-        trainer.run(resume=resume_ckpt)
-    except Interrupted as exc:
-        print(f"{exc}; checkpoint: {exc.checkpoint}\ncontinue with: python -m engine.run "
-              f"resume={run_dir}", file=sys.stderr)
-        return exc.exit_code
-    last = list(cfg.stages)[-1]
-    print(f"final render: {run_dir / 'renders' / f'{last}-final.png'}")
-    if cfg.export is not None:
-        for kind, path in _export(cfg, trainer, run_dir, device).items():
-            print(f"{kind}: {path}")
+        run_dir, lock = create_run_dir(o.root, cfg.recipe, o.name, o.dir, cfg.inputs.image,
+                                       cfg.inputs.prompt)
+    with lock:
+        trainer = Trainer(cfg, resolved, run_dir, inputs, device)
+        if resume_ckpt is not None:
+            trainer.prepare_resume(resume_ckpt, saved)   # writes nothing; raises on a mismatch
+        atomic_write_text(run_dir / "config.yaml", config.to_yaml(resolved))
+        try:
+            trainer.run(resume=resume_ckpt)
+        except Interrupted as exc:
+            print(f"{exc}; checkpoint: {exc.checkpoint}\ncontinue with: python -m engine.run "
+                  f"resume={run_dir}", file=sys.stderr)
+            return exc.exit_code
+        last = list(cfg.stages)[-1]
+        print(f"final render: {run_dir / 'renders' / f'{last}-final.png'}")
+        if cfg.export is not None:
+            for kind, path in _export(cfg, trainer, run_dir, device).items():
+                print(f"{kind}: {path}")
     print(f"output: {run_dir}")
     return 0
 

@@ -15,6 +15,7 @@ Accepted forms (``step`` is the step within the current stage):
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import Any, List, Tuple
 
@@ -44,6 +45,8 @@ class Schedule:
         if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value, resolve=True)
         if _is_number(value):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value}")
             return Schedule(((0.0, float(value)),))
         if isinstance(value, dict):
             unknown = set(value) - {"points", "mode"}
@@ -58,6 +61,8 @@ class Schedule:
             return Schedule(_parse_points(value["points"], key), mode)
         if isinstance(value, (list, tuple)):
             if len(value) == 4 and all(_is_number(v) for v in value):
+                if not all(math.isfinite(v) for v in value):
+                    raise ConfigError(f"{key}: must be finite numbers, got {list(value)}")
                 s0, v0, v1, s1 = value
                 if s1 < s0:
                     raise ConfigError(
@@ -91,6 +96,8 @@ class Schedule:
               exclusive: bool = False) -> "Schedule":
         """Raise a ConfigError naming ``key`` when a point's value is out of range."""
         for v in self.values():
+            if not math.isfinite(v):
+                raise ConfigError(f"{key}: every value must be a finite number, got {v}")
             if minimum is not None and (v <= minimum if exclusive else v < minimum):
                 op = ">" if exclusive else ">="
                 raise ConfigError(f"{key}: every value must be {op} {minimum}, got {v:g}")
@@ -106,6 +113,8 @@ def _parse_points(points: Any, key: str) -> Tuple[Tuple[float, float], ...]:
     for p in points:
         if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_number(v) for v in p)):
             raise ConfigError(f"{key}: each point must be [step, value], got {p!r}")
+        if not all(math.isfinite(v) for v in p):
+            raise ConfigError(f"{key}: steps and values must be finite numbers, got {list(p)}")
         out.append((float(p[0]), float(p[1])))
     steps = [p[0] for p in out]
     if any(b < a for a, b in zip(steps, steps[1:])):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,113 @@ class StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _finite(tensors: List[torch.Tensor]) -> bool:
+    """True when no tensor holds NaN or inf: one float64 sum per tensor (float64 cannot
+    overflow on float32 data), one stacked reduction and one host sync per device."""
+    by_device: Dict[torch.device, List[torch.Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point() and t.numel():
+            by_device.setdefault(t.device, []).append(t.detach().sum(dtype=torch.float64))
+    return all(bool(torch.isfinite(torch.stack(sums).sum())) for sums in by_device.values())
+
+
+class StepGuard:
+    """Undo an optimiser step that left a parameter or the optimiser's state non-finite.
+
+    A finite loss and gradient can still make a bad update (a NaN learning rate; a gradient
+    so large that Adam's second moment overflows to inf, after which the update is 0 and
+    training silently freezes). Neither can be seen before the update is made, so before
+    each step the parameters and optimiser state are copied into buffers allocated once (one
+    fused copy per device; memory: one more copy of the trainable state), and after it one
+    reduction checks them. A bad step is copied back: the state is exactly the one before it,
+    the step counts as non-finite, and an abort saves that last good state."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self._layout = None
+        self._live: List[torch.Tensor] = []
+        self._saved: List[torch.Tensor] = []
+        self._stateless: List[torch.Tensor] = []
+
+    def _collect(self):
+        live, layout, stateless = [], [], []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                live.append(p)
+                layout.append((id(p), tuple(p.shape)))
+                state = self.optimizer.state.get(p)
+                if not state:
+                    stateless.append(p)
+                    continue
+                for key in sorted(state):
+                    value = state[key]
+                    if isinstance(value, torch.Tensor):
+                        live.append(value)
+                        layout.append((id(p), key, tuple(value.shape), value.device))
+        return live, tuple(layout), stateless
+
+    @staticmethod
+    def _copy(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+        groups: Dict[Tuple, Tuple[List, List]] = {}
+        for d, t in zip(dst, src):
+            g = groups.setdefault((d.device, d.dtype), ([], []))
+            g[0].append(d)
+            g[1].append(t)
+        with torch.no_grad():
+            for ds, ts in groups.values():
+                torch._foreach_copy_(ds, ts)
+
+    def save(self) -> None:
+        """Remember the state before a step."""
+        live, layout, stateless = self._collect()
+        if layout != self._layout:   # first step, or the parameters changed: new buffers
+            self._saved = [t.detach().clone() for t in live]
+            self._layout = layout
+        else:
+            self._copy(self._saved, live)
+        self._live, self._stateless = live, stateless
+
+    def check(self) -> bool:
+        """True when every parameter and optimiser state tensor is finite after the step."""
+        live, _, _ = self._collect()
+        return _finite(live)
+
+    def describe(self, names: List[str]) -> str:
+        """Which tensors went non-finite, in words (only called after a failed check)."""
+        bad = []
+        for group, name in zip(self.optimizer.param_groups, names):
+            for p in group["params"]:
+                if not _finite([p]):
+                    bad.append(f"parameters of group '{name}'")
+                state = self.optimizer.state.get(p) or {}
+                bad += [f"optimiser state {key} of group '{name}'" for key, v in state.items()
+                        if isinstance(v, torch.Tensor) and not _finite([v])]
+        return ", ".join(dict.fromkeys(bad)) or "parameters or optimiser state"
+
+    def undo(self) -> None:
+        """Put back the state :meth:`save` remembered."""
+        self._copy(self._live, self._saved)
+        for p in self._stateless:        # no optimiser state before the step: none again
+            self.optimizer.state.pop(p, None)
+
+
+def _changed_keys(saved: Optional[dict], resolved: DictConfig, prefix: str) -> List[str]:
+    """``key (old -> new)`` for the settings under ``prefix`` that differ from the run's
+    saved config.yaml (what an override on resume changed)."""
+    from omegaconf import OmegaConf
+
+    from engine.recipes import flatten
+
+    if saved is None:
+        return []
+    old_node = OmegaConf.select(OmegaConf.create(saved), prefix)
+    new_node = OmegaConf.select(resolved, prefix)
+    old = flatten(OmegaConf.to_container(old_node), prefix + ".") if old_node is not None else {}
+    new = flatten(OmegaConf.to_container(new_node), prefix + ".") if new_node is not None else {}
+    return [f"{k}={new.get(k)!r} (the run used {old.get(k)!r})"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resolved: DictConfig, run_dir: Path, inputs: RunInputs,
                  device: torch.device):
@@ -87,6 +195,8 @@ class Trainer:
         self.finished_backgrounds: Dict[str, torch.nn.Module] = {}
         self.last_parts: Optional[StageParts] = None
         self.stop = StopFlag()
+        self._plan: Optional[Tuple[int, int, Any]] = None   # from prepare_resume
+        self._prepared: Optional[Tuple[int, StageParts]] = None
 
     # -- building -----------------------------------------------------------------------
     def _components(self, name: str) -> Dict[str, Tuple[type, Any]]:
@@ -190,11 +300,17 @@ class Trainer:
     def save_checkpoint(self, parts: StageParts, sname: str, si: int, steps_done: int,
                         stage_end: bool) -> Path:
         path = self.ckpt_dir / ckpt.checkpoint_name(si, sname, steps_done)
-        ckpt.save(path, modules={"representation": parts.representation,
-                                 "background": parts.background},
-                  optimizer=parts.optimizer,
-                  info={"stage": sname, "stage_index": si, "step": steps_done,
-                        "stage_end": stage_end, "time": time.time()})
+        try:
+            ckpt.save(path, modules={"representation": parts.representation,
+                                     "background": parts.background},
+                      optimizer=parts.optimizer,
+                      info={"stage": sname, "stage_index": si, "step": steps_done,
+                            "stage_end": stage_end, "time": time.time()})
+        except ckpt.NonFiniteState as exc:
+            earlier = ckpt.list_checkpoints(self.ckpt_dir)
+            raise RunAborted(f"stage {sname} step {steps_done}: {exc}; the state is not "
+                             "finite, nothing was saved. Last good checkpoint: "
+                             f"{earlier[-1] if earlier else 'none'}") from None
         self._prune()
         return path
 
@@ -227,21 +343,91 @@ class Trainer:
         return path
 
     # -- the loop -----------------------------------------------------------------------
-    def run(self, resume: Optional[Path] = None) -> Path:
-        """Run every stage (from ``resume``, a checkpoint, when given); return the run folder."""
-        stage_names = list(self.cfg.stages)
-        start_stage, start_step, resume_state = 0, 0, None
-        if resume is not None:
-            tensors, meta = ckpt.load(resume)
+    def prepare_resume(self, resume: Path, saved: Optional[dict] = None) -> None:
+        """Check everything a resume needs before anything is written: the checkpoint reads,
+        its stage exists, the stages' steps can be honoured (a stage not finished at the
+        checkpoint may be extended or shortened, not below the checkpoint's step; stages
+        finished before it must keep their steps), and the modules the config builds take
+        the checkpoint's tensors strictly (so a size changed by an override is one line).
+        Raises a UserError naming the key; writes nothing."""
+        tensors, meta = ckpt.load(resume)
+        try:
             info = meta["info"]
-            if info["stage"] not in self.cfg.stages:
-                raise ConfigError(f"checkpoint {resume} is from stage '{info['stage']}', which "
-                                  "this config does not have")
-            start_stage, start_step = stage_names.index(info["stage"]), info["step"]
-            if start_step >= self.cfg.stages[info["stage"]].steps:
-                start_stage, start_step = start_stage + 1, 0   # that stage had finished
+            cstage, cstep = str(info["stage"]), int(info["step"])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"checkpoint {resume} is damaged or not an engine checkpoint "
+                              "(no stage/step in its metadata)") from None
+        stage_names = list(self.cfg.stages)
+        if cstage not in self.cfg.stages:
+            raise ConfigError(f"checkpoint {resume} is from stage '{cstage}', which "
+                              "this config does not have")
+        si = stage_names.index(cstage)
+        saved_stages = (saved or {}).get("stages") or {}
+        for earlier in stage_names[:si]:
+            old = (saved_stages.get(earlier) or {}).get("steps")
+            new = self.cfg.stages[earlier].steps
+            if old is not None and old != new:
+                raise ConfigError(f"stages.{earlier}.steps={new}: stage '{earlier}' had "
+                                  f"finished with {old} steps before checkpoint {resume.name}; "
+                                  f"its steps cannot change now (drop the override)")
+        steps = self.cfg.stages[cstage].steps
+        if cstep > steps:
+            raise ConfigError(f"stages.{cstage}.steps={steps} is below the checkpoint's step "
+                              f"{cstep} ({resume.name}); resume with stages.{cstage}.steps >= "
+                              f"{cstep}, or from an earlier checkpoint file")
+        finished = cstep == steps and bool(info.get("stage_end", True))
+        try:
+            if finished:   # that stage had finished: the next one starts from scratch
+                self._finished_from(cstage, resume, tensors, meta)
+                self._plan = (si + 1, 0, None)
+                if si + 1 < len(stage_names):
+                    self._build_prepared(si + 1)   # its init_from chain must load too
             else:
-                resume_state = (tensors, meta)
+                parts = self._build_prepared(si)
+                ckpt.restore(tensors, meta, modules={"representation": parts.representation,
+                                                     "background": parts.background},
+                             optimizer=parts.optimizer)
+                self._plan = (si, cstep, None)
+        except ckpt.CheckpointMismatch as exc:
+            sname = cstage
+            changed = _changed_keys(saved, self.resolved, f"stages.{sname}.{exc.component}") \
+                if exc.component != "optimizer" else []
+            what = changed[0] if changed else f"stages.{sname}.{exc.component}"
+            raise ConfigError(f"{what} does not fit checkpoint {resume.name}: {exc.detail}; "
+                              "resume with the settings the run was trained with") from None
+
+    def _build_prepared(self, si: int) -> StageParts:
+        """Build stage ``si``'s parts as :meth:`_run_stage` would (same seeding), kept for it."""
+        sname = list(self.cfg.stages)[si]
+        torch.manual_seed(step_seed(self.cfg.system.seed, si, -1))  # initial weights
+        parts = self._parts(sname)
+        self._prepared = (si, parts)
+        return parts
+
+    def _finished_from(self, sname: str, path: Path, tensors, meta) -> None:
+        rep = self._representation(sname)
+        background = build("background", self._components(sname)["background"],
+                           device=self.device).to(self.device)
+        ckpt.restore(tensors, meta, modules={"representation": rep, "background": background},
+                     optimizer=None)
+        self.finished[sname] = rep
+        self.finished_backgrounds[sname] = background
+
+    def run(self, resume: Optional[Path] = None) -> Path:
+        """Run every stage (from ``resume``, a checkpoint, when given); return the run folder.
+        With ``resume``, :meth:`prepare_resume` is done first when it was not already."""
+        stage_names = list(self.cfg.stages)
+        start_stage, start_step = 0, 0
+        if resume is not None:
+            if self._plan is None:
+                self.prepare_resume(resume)
+            start_stage, start_step, _ = self._plan
+            # resumed from an earlier checkpoint file: the steps after it are redone, so the
+            # checkpoints after it (like their metrics records) belong to an abandoned run
+            for later in ckpt.list_checkpoints(self.ckpt_dir):
+                if later.name > Path(resume).name and \
+                        Path(resume).resolve().parent == self.ckpt_dir.resolve():
+                    later.unlink(missing_ok=True)
             MetricsLog.truncate_after(self.run_dir / "metrics.jsonl", start_stage, start_step - 1)
         log = MetricsLog(self.run_dir / "metrics.jsonl")
         global_step = sum(self.cfg.stages[s].steps for s in stage_names[:start_stage])
@@ -250,8 +436,7 @@ class Trainer:
                 for si in range(start_stage, len(stage_names)):
                     sname = stage_names[si]
                     self.finished[sname] = self._run_stage(
-                        si, sname, log, global_step, start_step if si == start_stage else 0,
-                        resume_state if si == start_stage else None)
+                        si, sname, log, global_step, start_step if si == start_stage else 0)
                     global_step += self.cfg.stages[sname].steps
         finally:
             log.close()
@@ -265,18 +450,20 @@ class Trainer:
         return StageParts(rep, self.finished_backgrounds[sname], None, None, None, [])
 
     def _run_stage(self, si: int, sname: str, log: MetricsLog, global_step: int,
-                   start_step: int, resume_state) -> Representation:
+                   start_step: int) -> Representation:
         stage = self.cfg.stages[sname]
-        torch.manual_seed(step_seed(self.cfg.system.seed, si, -1))  # initial weights
-        parts = self._parts(sname)
-        if resume_state is not None:
-            ckpt.restore(*resume_state, modules={"representation": parts.representation,
-                                                 "background": parts.background},
-                         optimizer=parts.optimizer)
+        if self._prepared is not None and self._prepared[0] == si:
+            parts = self._prepared[1]     # built (and restored) by prepare_resume
+            self._prepared = None
+        else:
+            torch.manual_seed(step_seed(self.cfg.system.seed, si, -1))  # initial weights
+            parts = self._parts(sname)
         parts.representation.train(), parts.background.train()
         out = self.cfg.output
         bar = _progress(stage.steps, start_step, f"{sname} ({si + 1}/{len(self.cfg.stages)})",
                         out.progress)
+        guard = StepGuard(parts.optimizer)
+        params = [p for g in parts.optimizer.param_groups for p in g["params"]]
         nan_streak = 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -288,31 +475,44 @@ class Trainer:
             parts.optimizer.zero_grad(set_to_none=True)
             total, logged, _ = self._losses(parts, stage, info, generator)
             finite = total is not None and bool(torch.isfinite(total))
+            problem = None if finite else "the loss"
             if finite:
                 total.backward()
-                finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
-                             for g in parts.optimizer.param_groups for p in g["params"])
+                finite = _finite([p.grad for p in params if p.grad is not None])
+                problem = None if finite else "the gradient"
             if total is not None and finite:
+                guard.save()
                 parts.optimizer.step()
+                finite = guard.check()
+                if not finite:   # the update itself went bad: undo it
+                    problem = f"the update ({guard.describe(parts.group_names)})"
+                    guard.undo()
+            if total is not None and finite:
                 nan_streak = 0
             elif total is not None:
                 nan_streak += 1
                 parts.optimizer.zero_grad(set_to_none=True)
-                if nan_streak >= self.cfg.system.max_nan_steps:
-                    path = self.save_checkpoint(parts, sname, si, step, stage_end=False)
-                    raise RunAborted(
-                        f"stage {sname}: the loss or its gradient was NaN/inf for {nan_streak} "
-                        f"steps in a row (up to step {step}); stopped. Checkpoint of the last "
-                        f"good state: {path}. Lower the learning rates or check the inputs.")
+                if nan_streak == 1:
+                    bar.write(f"warning: stage {sname} step {step}: {problem} was NaN/inf; "
+                              "step skipped", file=sys.stderr)
             record = {"stage": sname, "stage_index": si, "step": step,
                       "global_step": global_step + step, "time": round(time.time() - t0, 4),
                       "loss": float(total.detach()) if total is not None else None,
                       "skipped": not finite, **lrs, **logged}
+            if problem is not None and total is not None:
+                record["nonfinite"] = problem
             if self.device.type == "cuda":
                 # the peak since the stage began (GiB): what --estimate predicts
                 record["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device)
                                                 / 2**30, 3)
             log.write(record)
+            if total is not None and not finite and nan_streak >= self.cfg.system.max_nan_steps:
+                bar.close()
+                path = self.save_checkpoint(parts, sname, si, step, stage_end=False)
+                raise RunAborted(
+                    f"stage {sname}: {problem} was NaN/inf for {nan_streak} steps in a row (up "
+                    f"to step {step}); stopped. Checkpoint of the last good state: {path}. "
+                    "Lower the learning rates or loss weights, or check the inputs.")
             bar.update(1)
             postfix = {"loss": f"{record['loss']:.4g}" if finite else "skip"}
             postfix.update({k[5:]: f"{v:.3g}" for k, v in logged.items()

@@ -6,7 +6,8 @@ import pytest
 import torch
 import trimesh
 
-from engine.export import ExportConfig, TurntableConfig, export_representation
+from engine.export import (ENGINE_TO_Y_UP, ExportConfig, TurntableConfig,
+                           export_representation, file_to_engine)
 from representations.dmtet import DMTet
 from representations.lib.encodings import HashGridConfig
 
@@ -37,7 +38,21 @@ def test_analytic_sdf_to_textured_glb(shape, tmp_path):
     cfg = ExportConfig(formats=["glb", "obj"], texture_size=128, decimate_faces=0,
                        turntable=TurntableConfig(enabled=False))
     paths = export_representation(rep, tmp_path, cfg)
+    # as written: glTF's +Y up, the engine's (x, y, z) stored as (y, z, x), with outward normals
+    scene = trimesh.load(paths["glb"], process=False)
+    written = next(iter(scene.geometry.values()))
+    assert "vertex_normals" in written._cache                 # the file's own normals
+    if shape == "box":
+        assert np.allclose(written.bounding_box.extents, 2 * (ENGINE_TO_Y_UP @ half.numpy()),
+                           atol=0.02)
+    v = np.asarray(written.vertices)
+    centre = (v.max(0) + v.min(0)) / 2
+    assert (np.einsum("ij,ij->i", np.asarray(written.vertex_normals), v - centre) > 0).all()
+    assert written.volume > 0                                 # triangles wound outwards
     mesh = trimesh.load(paths["glb"], force="mesh")
+    turn = np.eye(4)
+    turn[:3, :3] = file_to_engine(paths["glb"])
+    mesh.apply_transform(turn)                                # back to the engine's frame
     assert mesh.visual.material.baseColorTexture is not None
     assert np.asarray(mesh.visual.material.baseColorTexture).shape[:2] == (128, 128)
     # distance of exported surface samples to the true surface: |sdf|

@@ -11,8 +11,8 @@ from torch import nn
 
 from engine.config import validate
 from engine.errors import ConfigError
-from engine.export import (ExportConfig, TurntableConfig, bake_texture, dilate,
-                           export_representation, render_turntable)
+from engine.export import (ENGINE_TO_Y_UP, ExportConfig, TurntableConfig, bake_texture, dilate,
+                           export_representation, file_to_engine, render_turntable)
 from engine.plugin import Representation
 from representations.backgrounds import SolidBackground
 from representations.lib.mesh import CleanupOptions, clean_mesh, normalize_vertices
@@ -79,10 +79,15 @@ def _texture_of(mesh):
     return np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
 
 
-def _reload(path):
+def _reload(path, engine_frame=True):
+    """The file as trimesh reads it; with ``engine_frame``, turned back to the engine's z up."""
     mesh = trimesh.load(path, force="mesh")
     assert isinstance(mesh.visual, trimesh.visual.TextureVisuals)
     assert mesh.visual.uv is not None and len(mesh.visual.uv) == len(mesh.vertices)
+    if engine_frame:
+        turn = np.eye(4)
+        turn[:3, :3] = file_to_engine(path)
+        mesh.apply_transform(turn)
     return mesh
 
 
@@ -230,11 +235,145 @@ def test_config_validation_names_the_field():
     assert isinstance(ExportConfig(turntable={"frames": 3}).turntable, TurntableConfig)
 
 
-def test_y_up_rotation():
-    from engine.export import textured_mesh
 
-    v = np.array([[0.0, 0, 1], [1, 0, 0], [0, 1, 0]])
-    tex = np.zeros((4, 4, 3), dtype=np.uint8)
-    m = textured_mesh(v, np.array([[0, 1, 2]]), np.zeros((3, 2)), tex, y_up=True)
-    assert np.allclose(m.vertices, [[0, 1, 0], [1, 0, 0], [0, 0, -1]])
-    assert np.allclose(textured_mesh(v, np.array([[0, 1, 2]]), np.zeros((3, 2)), tex).vertices, v)
+
+# -- the files' frames: GLB and OBJ +Y up, normals, evaluation unchanged ---------------------
+
+class MeshRep(StubRep):
+    """A fixed triangle mesh (engine frame) with the smooth colour field."""
+
+    def __init__(self, mesh):
+        super().__init__(floater=False)
+        self.mesh = mesh
+
+    def surface(self, resolution):
+        return (torch.tensor(self.mesh.vertices, dtype=torch.float32),
+                torch.tensor(np.ascontiguousarray(self.mesh.faces)))
+
+
+def tall_box():
+    """A box 0.2 deep (x, towards the picture's camera), 0.3 wide (y), 1.0 tall (z), with a
+    bump on its front face so no rotation maps it onto itself."""
+    box = trimesh.creation.box(extents=(0.2, 0.3, 1.0))
+    bump = trimesh.creation.box(extents=(0.1, 0.1, 0.1))
+    bump.apply_translation((0.14, 0.0, 0.3))
+    return trimesh.util.concatenate([box, bump])
+
+
+def _glb_json(path) -> dict:
+    import json
+    import struct
+
+    data = open(path, "rb").read()
+    length, kind = struct.unpack_from("<I4s", data, 12)
+    assert kind == b"JSON"
+    return json.loads(data[20:20 + length])
+
+
+def _as_written(path):
+    """The one mesh of a file with the normals it stores (force="mesh" would drop them), in
+    the file's own frame, as a viewer reads it."""
+    loaded = trimesh.load(path, process=False)
+    if isinstance(loaded, trimesh.Scene):
+        assert len(loaded.geometry) == 1
+        node = loaded.graph.nodes_geometry[0]
+        assert np.allclose(loaded.graph[node][0], np.eye(4))    # no node transform
+        loaded = next(iter(loaded.geometry.values()))
+    assert "vertex_normals" in loaded._cache                      # read from the file
+    return loaded
+
+
+def _assert_box_outward(mesh, half):
+    """Faces wound outwards (positive signed volume); at the main box's corners (``half``:
+    its half extents in the file's frame) the normal points out of the corner, along all
+    three axes: normals welded across the atlas's seams and outward."""
+    n = np.asarray(mesh.vertex_normals)
+    assert np.allclose(np.linalg.norm(n, axis=1), 1.0, atol=1e-4)
+    corner = np.all(np.isclose(np.abs(mesh.vertices), half, atol=1e-5), axis=1)
+    assert corner.sum() >= 8
+    assert np.array_equal(np.sign(n[corner]), np.sign(mesh.vertices[corner]))
+    assert mesh.volume > 0
+
+
+@pytest.fixture(scope="module")
+def box_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("box")
+    cfg = ExportConfig(texture_size=64, decimate_faces=0, remove_floaters=False,
+                       turntable=TurntableConfig(enabled=False))
+    paths = export_representation(MeshRep(tall_box()), out / "y", cfg, device="cpu")
+    cfg.y_up = False
+    z_paths = export_representation(MeshRep(tall_box()), out / "z", cfg, device="cpu")
+    source = out / "source.obj"
+    tall_box().export(source)                    # the engine's own frame, as examples/toy/*.obj
+    return paths, z_paths["obj"], source
+
+
+def test_the_engine_frame_maps_to_gltf_by_a_rotation_with_the_picture_in_front():
+    from engine.cameras import orbit
+
+    assert np.allclose(ENGINE_TO_Y_UP @ ENGINE_TO_Y_UP.T, np.eye(3))
+    assert np.linalg.det(ENGINE_TO_Y_UP) == pytest.approx(1.0)        # no mirror
+    # the input picture's camera (azimuth 0, elevation 0): its right, up and backward axes
+    # become glTF's +X, +Y, +Z, where a viewer's default camera sits
+    c2w = orbit(1, elevation_deg=0.0).c2w[0, :3, :3].double().numpy()
+    assert np.allclose(ENGINE_TO_Y_UP @ c2w, np.eye(3), atol=1e-6)
+
+
+def test_glb_stands_upright_with_outward_normals(box_files):
+    glb = box_files[0]["glb"]
+    mesh = _as_written(glb)
+    ext = mesh.bounding_box.extents
+    assert int(np.argmax(ext)) == 1 and ext[1] == pytest.approx(1.0, abs=1e-4)   # tall along +Y
+    assert ext[2] == pytest.approx(0.2 + 0.09, abs=1e-4)      # the picture's depth along Z
+    # the bump (the side the picture shows) faces the viewer's default camera at +Z
+    assert mesh.vertices[:, 2].max() == pytest.approx(0.19, abs=1e-4)
+    assert mesh.vertices[:, 2].min() == pytest.approx(-0.1, abs=1e-4)
+    doc = _glb_json(glb)
+    assert all("NORMAL" in p["attributes"] for m in doc["meshes"] for p in m["primitives"])
+    assert doc["asset"]["extras"]["distill_engine"]["up"] == "+Y"
+    _assert_box_outward(mesh, (0.15, 0.5, 0.1))
+
+
+def test_obj_is_y_up_by_default_and_z_up_on_request(box_files):
+    paths, z_obj, _ = box_files
+    y_mesh, z_mesh = _as_written(paths["obj"]), _as_written(z_obj)
+    assert int(np.argmax(y_mesh.bounding_box.extents)) == 1
+    assert int(np.argmax(z_mesh.bounding_box.extents)) == 2
+    assert open(paths["obj"]).readline().startswith("# up +Y")
+    assert open(z_obj).readline().startswith("# up +Z")
+    _assert_box_outward(y_mesh, (0.15, 0.5, 0.1))
+    _assert_box_outward(z_mesh, (0.1, 0.15, 0.5))
+    assert np.allclose(file_to_engine(paths["obj"]), ENGINE_TO_Y_UP.T)
+    assert np.allclose(file_to_engine(z_obj), np.eye(3))
+
+
+def test_evaluating_an_export_against_its_source_scores_zero(box_files):
+    from engine.evaluate.metrics import compare_files, compare_meshes, load_mesh
+
+    paths, z_obj, source = box_files
+    for pred in (paths["glb"], paths["obj"], z_obj):
+        assert np.allclose(load_mesh(pred).bounds, load_mesh(str(source)).bounds, atol=1e-5)
+        s = compare_files(pred, str(source), samples=2000, icp=False)
+        assert s.chamfer < 1e-3 and s.volume_iou > 0.97, (pred, s)
+    # the check has teeth: the GLB read without undoing its frame scores far off
+    raw = compare_meshes(trimesh.load(paths["glb"], force="mesh"), load_mesh(str(source)),
+                         samples=2000, icp=False)
+    assert raw.chamfer > 0.02
+
+
+def test_inward_wound_surfaces_are_exported_outward(tmp_path):
+    box = tall_box()
+    inward = trimesh.Trimesh(box.vertices, box.faces[:, ::-1], process=False)
+    assert inward.volume < 0
+    cfg = ExportConfig(texture_size=64, decimate_faces=0, formats=["glb"],
+                       turntable=TurntableConfig(enabled=False))
+    paths = export_representation(MeshRep(inward), tmp_path, cfg, device="cpu")
+    _assert_box_outward(_as_written(paths["glb"]), (0.15, 0.5, 0.1))
+
+
+def test_sphere_normals_are_smooth_and_outward(exported):
+    mesh = _as_written(exported["glb"])
+    v = np.asarray(mesh.vertices)
+    cos = np.einsum("ij,ij->i", np.asarray(mesh.vertex_normals), v / np.linalg.norm(v, axis=1,
+                                                                                    keepdims=True))
+    assert cos.min() > 0.98, cos.min()        # no creases along the atlas's seams

@@ -154,9 +154,10 @@ def test_isotropic3d_toy_beats_the_initial_blob(tmp_path):
 def radius_profile(path, top=(0.75, 1.0), bottom=(0.0, 0.4)) -> tuple:
     """(top, bottom): the 90th-percentile horizontal distance from the z axis through the
     median of a mesh's surface samples, in its top quarter and bottom 40% of height."""
-    import trimesh
+    from engine.evaluate.metrics import load_mesh
 
-    v = trimesh.load(path, force="mesh", process=False).sample(30000, seed=0)
+    # in the engine's z-up frame whatever the file's (exports are y-up, the toy truths z-up)
+    v = load_mesh(str(path)).sample(30000, seed=0)
     z = v[:, 2]
     lo, h = z.min(), z.max() - z.min()
 

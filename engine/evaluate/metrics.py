@@ -309,8 +309,11 @@ def ssim(pred: torch.Tensor, ref: torch.Tensor, window: int = 11, sigma: float =
 
 
 def load_mesh(path: str) -> trimesh.Trimesh:
-    """Any mesh file trimesh reads (GLB scenes are merged into one mesh)."""
+    """Any mesh file trimesh reads (GLB scenes are merged into one mesh), in the engine's z-up
+    frame: a GLB (+Y up, as glTF defines) and an OBJ the engine wrote y-up are turned back
+    (``engine.export.file_to_engine``); other files are taken as z up."""
     from engine.errors import InputError
+    from engine.export import file_to_engine
 
     try:
         loaded = trimesh.load(path, force="mesh")
@@ -318,6 +321,9 @@ def load_mesh(path: str) -> trimesh.Trimesh:
         raise InputError(f"cannot read mesh {path}: {exc}")
     if not isinstance(loaded, trimesh.Trimesh) or len(loaded.faces) == 0:
         raise InputError(f"{path} holds no triangles")
+    to_engine = np.eye(4)
+    to_engine[:3, :3] = file_to_engine(path)
+    loaded.apply_transform(to_engine)
     # textured files split vertices along UV seams; weld them back so a closed surface is
     # seen as closed (volume IoU needs that)
     loaded.merge_vertices(merge_tex=True, merge_norm=True)
