@@ -15,6 +15,14 @@ When normals are computed (the ``need_normals`` rule):
 Analytic normals use a closed-form spatial Jacobian of the hash grid and of the ReLU MLP
 instead of autograd's double backward, so they work under torch.compile and in no-grad
 evaluation; ``finite_difference`` uses central differences of the pre-activation density.
+
+Memory of a training step (the published 256 px phase is 16.8M samples): the hash grid's
+torch path keeps only the points for backward (``hash_grid.recompute``, see
+:mod:`representations.lib.hashgrid_autograd`), a render of more than ``train_chunk`` rays runs
+in chunks checkpointed with ``torch.utils.checkpoint`` (each chunk's samples, field and
+compositing are recomputed in its backward, so only per-ray outputs stay alive), and the
+occupancy grid is filled by ``before_step`` at step 0 from the blob, so empty space is
+skipped from the first step (benchmarks/bench_nerf_memory.py measures all three).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from engine.cameras import Cameras
 from engine.errors import ConfigError
@@ -81,6 +90,12 @@ class NeRFConfig:
     composite_backend: str = "auto"           # auto | torch | nerfacc (dense compositing)
     isosurface_threshold: float = 25.0        # density level of the exported surface
     eval_chunk_rays: int = 4096               # rays per chunk when not training
+    # training renders of more rays than this run in chunks of this many rays whose
+    # internals are recomputed in backward (torch.utils.checkpoint): the peak memory is one
+    # chunk's graph, not the whole render's; 0 = one piece. The default keeps renders up to
+    # 2 groups x 4 views x 64 px (the published recipe's first 5000 steps, every toy recipe)
+    # in one piece, as fast as before, and splits a 256 px step into 8 chunks
+    train_chunk: int = 32768
 
     def __post_init__(self):
         if self.radius <= 0:
@@ -103,6 +118,9 @@ class NeRFConfig:
                               f"{', '.join(volume.BACKENDS)}")
         if self.eval_chunk_rays < 1:
             raise ConfigError(f"eval_chunk_rays: must be >= 1, got {self.eval_chunk_rays}")
+        if self.train_chunk < 0:
+            raise ConfigError(f"train_chunk: must be >= 0 (0 = no chunking), got "
+                              f"{self.train_chunk}")
 
 
 def _step_number(step: Union[StepInfo, int, None]) -> int:
@@ -238,7 +256,7 @@ class NeRF(Representation):
         o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
         cam = torch.arange(b, device=o.device).repeat_interleave(height * width)
         if self.training:
-            out = self._render_rays(o, d, cam, light, mode, need_normals)
+            out = self._render_train(o, d, cam, light, mode, need_normals)
         else:
             parts = [self._render_rays(o[i:i + cfg.eval_chunk_rays], d[i:i + cfg.eval_chunk_rays],
                                        cam[i:i + cfg.eval_chunk_rays], light, mode, need_normals)
@@ -263,10 +281,39 @@ class NeRF(Representation):
 
     def _render_rays(self, o: Tensor, d: Tensor, cam: Tensor, light: Optional[Tensor],
                      mode: str, need_normals: bool) -> Dict[str, Tensor]:
+        near, far, hit = volume.ray_sphere_bounds(o, d, self.cfg.radius)
+        t0, t1 = volume.stratified_samples(near, far, self.cfg.samples_per_ray,
+                                           perturb=self.training)
+        return self._shade_rays(o, d, cam, t0, t1, hit, light, mode, need_normals)
+
+    def _render_train(self, o: Tensor, d: Tensor, cam: Tensor, light: Optional[Tensor],
+                      mode: str, need_normals: bool) -> Dict[str, Tensor]:
+        """A training render, in checkpointed chunks of ``train_chunk`` rays when it has more.
+        The random samples of all rays are drawn first, so the render (and its gradients) do
+        not depend on the chunking; inside a chunk nothing is random and the recomputation in
+        backward repeats the forward exactly."""
+        chunk = self.cfg.train_chunk
+        if chunk <= 0 or o.shape[0] <= chunk:
+            return self._render_rays(o, d, cam, light, mode, need_normals)
+        near, far, hit = volume.ray_sphere_bounds(o, d, self.cfg.radius)
+        t0, t1 = volume.stratified_samples(near, far, self.cfg.samples_per_ray, perturb=True)
+        parts = []
+        for i in range(0, o.shape[0], chunk):
+            args = (o[i:i + chunk], d[i:i + chunk], cam[i:i + chunk], t0[i:i + chunk],
+                    t1[i:i + chunk], hit[i:i + chunk], light, mode, need_normals)
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(self._shade_rays, *args, use_reentrant=False,
+                                        preserve_rng_state=False))
+            else:
+                parts.append(self._shade_rays(*args))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _shade_rays(self, o: Tensor, d: Tensor, cam: Tensor, t0: Tensor, t1: Tensor, hit: Tensor,
+                    light: Optional[Tensor], mode: str, need_normals: bool) -> Dict[str, Tensor]:
+        """Per-ray outputs of rays o, d [R, 3] with sample intervals t0, t1 [R, S] (hit [R]:
+        inside the bounding sphere). Deterministic given its inputs."""
         cfg = self.cfg
         n_rays, n_samples = o.shape[0], cfg.samples_per_ray
-        near, far, hit = volume.ray_sphere_bounds(o, d, cfg.radius)
-        t0, t1 = volume.stratified_samples(near, far, n_samples, perturb=self.training)
         mid = 0.5 * (t0 + t1)
         pts = o[:, None, :] + d[:, None, :] * mid[..., None]                  # [R, S, 3]
         flat = self.sample_mask(pts, hit).reshape(-1).nonzero().squeeze(1)

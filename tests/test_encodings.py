@@ -5,7 +5,9 @@ import torch
 
 from engine.errors import ConfigError
 from representations.lib.encodings import (PRIMES, HashGridConfig, HashGridEncoding, grid_layout,
-                                       hash_grid_encode, hash_grid_reference, layout_tensors)
+                                       hash_grid_encode, hash_grid_encode_with_jacobian,
+                                       hash_grid_reference, layout_levels, layout_tensors)
+from representations.lib.hashgrid_autograd import hash_grid_encode_lean
 
 
 def _enc(**kw):
@@ -160,3 +162,136 @@ def test_compiled_path_equals_eager():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g_table, r_table, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(g_pts, r_pts, rtol=1e-4, atol=1e-4)
+
+
+# -- the recomputing Function (hashgrid_autograd) -------------------------------------------
+
+def _cell_boundary_points(lay, n_random=400, seed=2):
+    """Random points plus points exactly on cell faces / nodes of every level, on the cube's
+    bounds and outside it."""
+    g = torch.Generator().manual_seed(seed)
+    pts = [torch.rand(n_random, 3, generator=g)]
+    for s in lay.scales:
+        # grid position x * s + 0.5 an integer: on a cell face along that axis (float32 exact
+        # enough that floor() lands on either side consistently in both paths)
+        k = torch.randint(1, max(2, int(s)), (20, 3), generator=g).float()
+        on = ((k - 0.5) / s).clamp(0.0, 1.0)
+        mixed = torch.rand(20, 3, generator=g)
+        mixed[:, 0] = on[:, 0]                          # one face
+        pts += [on, mixed]
+    pts.append(torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.5, 1.0],
+                             [-0.2, 0.3, 1.4], [1.0, 0.0, 0.25]]))
+    return torch.cat(pts)
+
+
+@pytest.mark.parametrize("kw", [dict(n_levels=4, log2_table_size=10, base_resolution=4),
+                                dict(n_levels=6, log2_table_size=12, base_resolution=3,
+                                     per_level_scale=2.0)])
+@pytest.mark.parametrize("with_jacobian", [False, True])
+def test_recompute_function_equals_vectorised_path(kw, with_jacobian):
+    cfg = HashGridConfig(backend="torch", **kw)
+    lay = grid_layout(cfg)
+    assert any(lay.dense) and not all(lay.dense)
+    levels, consts = layout_levels(lay), layout_tensors(lay)
+    torch.manual_seed(0)
+    table = torch.empty(lay.n_entries, 2).uniform_(-1.0, 1.0).requires_grad_()
+    x = _cell_boundary_points(lay).requires_grad_()
+    d = lay.n_levels * 2
+    up_e, up_j = torch.randn(x.shape[0], d), torch.randn(x.shape[0], d, 3)
+
+    def loss(out):
+        return (out[0] * up_e).sum() + (out[1] * up_j).sum() if with_jacobian \
+            else (out * up_e).sum()
+
+    # a block smaller than the batch, so blocks and their borders are exercised
+    new = hash_grid_encode_lean(x, table, levels, with_jacobian, block=97)
+    old = hash_grid_encode_with_jacobian(x, table, *consts) if with_jacobian \
+        else hash_grid_encode(x, table, *consts)
+    for a, b in zip(new if with_jacobian else [new], old if with_jacobian else [old]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    g_new = torch.autograd.grad(loss(new), [table, x])
+    g_old = torch.autograd.grad(loss(old), [table, x])
+    torch.testing.assert_close(g_new[0], g_old[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_new[1], g_old[1], rtol=1e-4, atol=1e-3)
+    # coordinates outside the cube or on its bounds get no gradient (clamp), as in the old path
+    clamped = (x <= 0) | (x >= 1)
+    assert clamped.any() and (g_new[1][clamped] == 0).all()
+
+
+@pytest.mark.parametrize("with_jacobian", [False, True])
+def test_recompute_function_on_an_empty_batch(with_jacobian):
+    lay = grid_layout(HashGridConfig(n_levels=3, log2_table_size=8, base_resolution=4))
+    table = torch.randn(lay.n_entries, 2, requires_grad=True)
+    x = torch.zeros(0, 3, requires_grad=True)
+    out = hash_grid_encode_lean(x, table, layout_levels(lay), with_jacobian)
+    if with_jacobian:
+        assert out[0].shape == (0, 6) and out[1].shape == (0, 6, 3)
+        loss = out[0].sum() + out[1].sum()
+    else:
+        assert out.shape == (0, 6)
+        loss = out.sum()
+    g_table, g_x = torch.autograd.grad(loss, [table, x])
+    assert g_x.shape == (0, 3) and g_table.shape == table.shape and not g_table.any()
+
+
+def _tiny_float64():
+    lay = grid_layout(HashGridConfig(n_levels=3, n_features=2, log2_table_size=6,
+                                     base_resolution=3, per_level_scale=1.5))
+    assert lay.dense[0] and not lay.dense[-1]
+    torch.manual_seed(0)
+    table = torch.randn(lay.n_entries, 2, dtype=torch.float64, requires_grad=True)
+    # off cell borders so the finite differences stay inside one cell
+    x = (torch.rand(6, 3, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
+    return layout_levels(lay), table, x
+
+
+@pytest.mark.parametrize("with_jacobian", [False, True])
+def test_recompute_function_gradcheck_float64(with_jacobian):
+    levels, table, x = _tiny_float64()
+
+    def fn(t, p):
+        return hash_grid_encode_lean(p, t, levels, with_jacobian, block=4)
+
+    assert torch.autograd.gradcheck(fn, (table, x), eps=1e-7, atol=1e-6)
+    # double backward (create_graph through the recomputing backward)
+    assert torch.autograd.gradgradcheck(fn, (table, x), eps=1e-7, atol=1e-6)
+
+
+def test_recompute_function_saves_only_the_points():
+    # what autograd keeps between forward and backward: the points and the table (a reference
+    # to the parameter), nothing per level or per corner
+    lay = grid_layout(HashGridConfig(n_levels=8, log2_table_size=12, base_resolution=4))
+    table = torch.randn(lay.n_entries, 2, requires_grad=True)
+    x = torch.rand(5000, 3)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    def saved_bytes_per_point(fn):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(t.numel() * t.element_size() for t in saved
+                   if t.data_ptr() != table.data_ptr()) / x.shape[0]
+
+    lean = saved_bytes_per_point(lambda: hash_grid_encode_lean(x, table, layout_levels(lay), True))
+    old = saved_bytes_per_point(lambda: hash_grid_encode_with_jacobian(x, table,
+                                                                       *layout_tensors(lay)))
+    assert lean <= 3 * 4                     # the points, float32
+    assert old > 100 * 4                     # the vectorised path keeps per-corner tensors
+
+
+def test_module_recompute_switch_and_default():
+    assert HashGridConfig().recompute
+    enc = _enc(n_levels=4, log2_table_size=10, base_resolution=4)
+    pts = (torch.rand(500, 3) * 2 - 1).requires_grad_()
+    outs = {}
+    for flag in (True, False):
+        enc.cfg.recompute = flag
+        e, j = enc.forward_with_jacobian(pts)
+        loss = enc(pts).square().sum() + e.sum() + j.square().sum()
+        outs[flag] = (e, j) + torch.autograd.grad(loss, [enc.table, pts])
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -318,3 +318,94 @@ def test_shading_config_errors():
         ShadingConfig(textureless_prob=2.0)
     with pytest.raises(ConfigError, match="light_distance_range"):
         ShadingConfig(light_distance_range=[2.0, 1.0])
+
+
+# -- memory: checkpointed training chunks, the recomputing grid, early occupancy ------------
+
+def _train_step(rep, chunk, seed=3):
+    rep.cfg.train_chunk = chunk
+    rep.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = rep.render(cams(2), 8, 8, background=SolidBackground(), step=10)
+    regs = rep.regularizers(out, None)
+    (out["rgb"].square().mean() + regs["orientation"] + regs["opacity_sparsity"]).backward()
+    return out, {n: p.grad.clone() for n, p in rep.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["diffuse", "albedo"])
+def test_checkpointed_training_chunks_equal_the_whole_render(mode):
+    # diffuse: normals, lights and the orientation term inside the checkpointed chunks
+    steps = 0 if mode == "diffuse" else 10 ** 6
+    rep = tiny_nerf(shading=ShadingConfig(ambient_only_steps=steps,
+                                          textureless_prob=0.0)).train()
+    randomize(rep, 0.5)
+    rep.update_occupancy()
+    assert rep.occupancy.occupied_fraction < 1.0
+    whole, g_whole = _train_step(rep, 0)
+    assert rep.last_shading == mode
+    # 128 rays in chunks of 37 (the last one shorter), and chunks of all the rays
+    for chunk in (37, 128):
+        part, g_part = _train_step(rep, chunk)
+        for k in ("rgb", "opacity", "depth", "normal", "albedo", "orientation"):
+            torch.testing.assert_close(part[k], whole[k], rtol=0, atol=1e-6)
+        for name, g in g_whole.items():
+            assert g.abs().sum() > 0, name
+            torch.testing.assert_close(g_part[name], g, rtol=1e-4, atol=1e-7)
+
+
+def test_checkpointed_chunks_recompute_in_backward():
+    # the chunked render keeps no per-sample tensor alive until backward: the field runs
+    # once per chunk in forward and once more per chunk in backward
+    rep = tiny_nerf().train()
+    calls = []
+    field = rep.field
+    rep.field = lambda p, n: calls.append((p.shape[0], torch.is_grad_enabled())) or field(p, n)
+    rep.cfg.train_chunk = 40
+    out = rep.render(cams(2), 8, 8, background=SolidBackground(), step=0)
+    assert len(calls) == 4                       # 128 rays: 40 + 40 + 40 + 8
+    out["rgb"].sum().backward()
+    assert len(calls) == 8 and sorted(calls[4:]) == sorted(calls[:4])    # last chunk first
+    # not training with grad: chunks without checkpointing, one pass
+    calls.clear()
+    with torch.no_grad():
+        rep.render(cams(2), 8, 8, background=SolidBackground(), step=0)
+    assert len(calls) == 4
+
+
+def test_train_chunk_config():
+    assert NeRFConfig().train_chunk == 32768      # the published 64 px phase (8 x 64 x 64)
+    with pytest.raises(ConfigError, match="train_chunk"):
+        NeRFConfig(train_chunk=-1)
+
+
+def test_recomputing_grid_gives_the_same_training_step():
+    # the whole NeRF step (analytic normals, orientation, diffuse shading) through the
+    # recomputing hash-grid Function against the vectorised autograd path
+    grads = {}
+    for flag in (True, False):
+        rep = tiny_nerf(shading=ShadingConfig(ambient_only_steps=0, textureless_prob=0.0),
+                        train_chunk=0).train()
+        rep.encoding.cfg.recompute = flag
+        randomize(rep, 0.5)
+        grads[flag] = _train_step(rep, 0)
+    (a, ga), (b, gb) = grads[True], grads[False]
+    for k in ("rgb", "opacity", "normal", "orientation"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6)
+
+
+def test_occupancy_prunes_from_the_first_step():
+    # the published defaults: step 0's before_step fills the grid from the untrained blob
+    # (density softplus(10 (1 - |x| / 0.5))), so the first render already skips empty space
+    rep = NeRF().train()
+    assert rep.occupancy.occupied_fraction == 1.0
+    rep.before_step(0)
+    assert rep.occupancy.occupied_fraction < 0.2
+    # nothing visible is pruned: every cell whose centre has density above 0.1 is kept
+    r = rep.occupancy.resolution
+    centres = (torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1)
+               .reshape(-1, 3) + 0.5) * (2.0 / r) - 1.0
+    with torch.no_grad():
+        dense = rep.density(centres) > 0.1
+    assert rep.occupancy.occupied[dense].all()

@@ -13,8 +13,15 @@ both backends:
   same memory order as tinycudann's flat parameter vector); outputs are level-major
   ``[l0f0, l0f1, l1f0, ...]``.
 
-The torch path evaluates all levels and the 8 cell corners in one batch of tensor ops; it is
-the CPU hot path and optionally runs under ``torch.compile`` (``HashGridConfig.compile``).
+Three torch paths, held equal by tests:
+
+* ``recompute`` (the default): :mod:`representations.lib.hashgrid_autograd`, an autograd
+  Function that keeps only the points for backward and recomputes corners level by level
+  there (memory proportional to the points; what a 256 px NeRF step needs);
+* the vectorised path (``recompute: false``): all levels and the 8 cell corners in one batch
+  of tensor ops, every per-corner tensor kept by autograd;
+* the vectorised path under ``torch.compile`` (``compile: true``, which takes precedence over
+  ``recompute``): the CPU hot path of the small toy grids.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.errors import ConfigError
+from representations.lib.hashgrid_autograd import Level, hash_grid_encode_lean
 
 PRIMES = (1, 2654435761, 805459861)
 BACKENDS = ("auto", "torch", "tcnn")
@@ -43,6 +51,11 @@ class HashGridConfig:
     base_resolution: int = 16
     per_level_scale: float = 1.4473
     backend: str = "auto"        # auto | torch | tcnn
+    # torch path: save only the points and recompute the corners in backward (memory
+    # proportional to the samples, not samples x levels x corners); false: plain autograd
+    # through the vectorised ops (every per-corner tensor kept until backward). Not used
+    # when ``compile`` is true (the compiled vectorised path, the toy recipes' hot path)
+    recompute: bool = True
     # run the torch path under torch.compile (CPU: ~5x faster after a one-off compile of
     # tens of seconds; sample counts are marked dynamic so steps do not recompile)
     compile: bool = False
@@ -108,6 +121,13 @@ def grid_layout(cfg: HashGridConfig) -> GridLayout:
         offset += size
     return GridLayout(tuple(scales), tuple(res), tuple(sizes), tuple(offsets), tuple(dense),
                       cfg.n_features)
+
+
+def layout_levels(layout: GridLayout) -> Tuple[Level, ...]:
+    """Per-level constants for :func:`hashgrid_autograd.hash_grid_encode_lean`."""
+    return tuple(Level(s, (1, r, r * r) if d else PRIMES, size, off, d)
+                 for s, r, size, off, d in zip(layout.scales, layout.resolutions, layout.sizes,
+                                               layout.offsets, layout.dense))
 
 
 def layout_tensors(layout: GridLayout, device=None) -> Tuple[Tensor, Tensor, Tensor, Tensor,
@@ -286,6 +306,7 @@ class HashGridEncoding(nn.Module):
         self.cfg = cfg = cfg or HashGridConfig()
         self.bound = float(bound)
         self.layout = grid_layout(cfg)
+        self.levels = layout_levels(self.layout)
         self.output_dim = cfg.n_levels * cfg.n_features
         self.table = nn.Parameter(
             torch.empty(self.layout.n_entries, cfg.n_features).uniform_(-1e-4, 1e-4))
@@ -318,17 +339,24 @@ class HashGridEncoding(nn.Module):
         x = self.normalize(points)
         if resolve_backend(self.cfg.backend, points.device) == "tcnn":
             return self._tcnn_forward(x)
-        fn = (_compiled(hash_grid_encode, self.cfg.compile_threads)
-              if self._use_compiled(x.shape[0]) else hash_grid_encode)
-        return fn(x, self.table, *self._consts())
+        if self._use_compiled(x.shape[0]):
+            return _compiled(hash_grid_encode, self.cfg.compile_threads)(
+                x, self.table, *self._consts())
+        if self.cfg.recompute:
+            return hash_grid_encode_lean(x, self.table, self.levels)
+        return hash_grid_encode(x, self.table, *self._consts())
 
     def forward_with_jacobian(self, points: Tensor) -> Tuple[Tensor, Tensor]:
         """enc [N, D] and d enc / d points [N, D, 3] (world units), torch path only.
-        Differentiable with respect to the table (first-order graph)."""
+        Differentiable with respect to the table (first-order graph) and the points."""
         x = self.normalize(points)
-        fn = (_compiled(hash_grid_encode_with_jacobian, self.cfg.compile_threads)
-              if self._use_compiled(x.shape[0]) else hash_grid_encode_with_jacobian)
-        enc, jac = fn(x, self.table, *self._consts())
+        if self._use_compiled(x.shape[0]):
+            enc, jac = _compiled(hash_grid_encode_with_jacobian, self.cfg.compile_threads)(
+                x, self.table, *self._consts())
+        elif self.cfg.recompute:
+            enc, jac = hash_grid_encode_lean(x, self.table, self.levels, with_jacobian=True)
+        else:
+            enc, jac = hash_grid_encode_with_jacobian(x, self.table, *self._consts())
         return enc, jac / (2.0 * self.bound)
 
     def reference(self, points: Tensor) -> Tensor:
