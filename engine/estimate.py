@@ -9,10 +9,15 @@ then 4 at 256 px), its DMTet stage two (4 at 256, then 4 at 512). For each phase
   device, and one guidance step's activations, from the guidance class's
   ``estimate_memory(cfg, batch, size, device_type)`` (multiview-sds builds the real-size
   models on fake tensors and runs a step on them: :mod:`guidance.multiview.memory`);
-* **representation**: measured for real on this CPU (its parameters, one training step's
-  tensors, the optimiser's state) at two small render sizes, and extrapolated linearly in
-  pixels: ``m(S) = a + b S^2``. Activations grow with the rays; checkpointed training chunks
-  grow slower than that, so at large sizes this is an upper bound.
+* **representation**: measured for real on this CPU at two small render sizes, in the state
+  a run is in by then (the first step's hook done: the NeRF's occupancy grid filled), and
+  extrapolated linearly in the rays ``R``. It is the parameters and the optimiser's state,
+  plus the largest of three transient peaks measured apart (peaks are maxima, not sums):
+  ``before_step``, the optimiser's update, and the render + backward, ``m(R) = k + c R``.
+  A representation whose training renders run in checkpointed chunks of ``cfg.train_chunk``
+  rays (the NeRF) keeps per-ray outputs for all rays and one chunk's graph at a time:
+  ``m(R) = k + a R + b C``; the small sizes are measured in one piece (``a + b``) and in
+  small chunks (``a``) to tell the two apart.
 
 The total of a phase is their sum (the render's saved tensors are alive while the guidance
 runs), plus :data:`engine.memory.CUDA_OVERHEAD` on CUDA. What it leaves out: allocator
@@ -117,7 +122,7 @@ def representation_bytes(cfg, sname: str, phase: Phase,
                          sizes: Tuple[int, int] = MEASURE_SIZES) -> int:
     """Bytes of the stage's representation training at ``phase``: its parameters plus one
     step's peak (render, loss, backward, Adam step), measured at ``sizes`` on this CPU and
-    extrapolated to ``phase.size`` linearly in pixels."""
+    extrapolated to ``phase.size`` linearly in rays (chunk-aware, see the module doc)."""
     from engine.config import build
     from engine.plugin import StepInfo
 
@@ -132,24 +137,68 @@ def representation_bytes(cfg, sname: str, phase: Phase,
     fixed = bytes_of(rep) + bytes_of(background)
     info = StepInfo(sname, 0, phase.first_step, stage.steps, phase.first_step)
     cams = sampler.sample(phase.first_step, torch.Generator().manual_seed(0))
-    peaks = []
-    for size in sizes:
-        def step(size=size):
-            optimizer = torch.optim.Adam(params, lr=1e-6)      # its state counts too
-            rep.before_step(info)
-            out = rep.render(cams, size, size, background=background, step=info)
-            loss = out["rgb"].float().mean()
-            for value in rep.regularizers(out, info).values():
-                loss = loss + value
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    views = len(cams)
 
-        rep.train()
-        peaks.append(measure(step).peak)
-    (s1, s2), (m1, m2) = sizes, peaks
-    slope = max(m2 - m1, 0) / (s2 * s2 - s1 * s1)
-    return fixed + int(m1 + slope * (phase.size ** 2 - s1 * s1))
+    # before_step (an occupancy refresh, a densification) is measured apart: its transient
+    # peak does not grow with the rays, and inside the step's peak it would hide the
+    # small renders' growth (a peak is a maximum, not a sum)
+    rep.train()
+    # the state a run has reached by the phase: what the first step's hook set up (e.g. the
+    # occupancy grid filled, so empty space is skipped as it is in training), then the
+    # phase's own hook
+    rep.before_step(StepInfo(sname, 0, 0, stage.steps, 0))
+    before = measure(lambda: rep.before_step(info)).peak
+    optimizer = torch.optim.Adam(params, lr=1e-6)
+
+    def forward_backward(size: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out = rep.render(cams, size, size, background=background, step=info)
+        loss = out["rgb"].float().mean()
+        for value in rep.regularizers(out, info).values():
+            loss = loss + value
+        loss.backward()
+
+    # Peaks are maxima, not sums: the render + backward (which grows with the rays), the
+    # optimiser's update (its transient beside the gradients) and before_step (an occupancy
+    # refresh) are measured apart, each on top of what a running step keeps alive (the
+    # optimiser's state), so the small renders' growth is not hidden by a constant peak.
+    forward_backward(sizes[0])
+    optimizer.step()                            # the state a running step lives beside
+    state = sum(t.numel() * t.element_size() for st in optimizer.state.values()
+                for t in st.values() if torch.is_tensor(t))
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    update = grads + measure(optimizer.step).peak
+
+    def peak(size: int) -> int:
+        return measure(lambda: forward_backward(size)).peak
+
+    (s1, s2) = sizes
+    r1, r2, r = (views * s * s for s in (s1, s2, phase.size))
+    rep_cfg = getattr(rep, "cfg", None)
+    chunk = int(getattr(rep_cfg, "train_chunk", 0) or 0)
+    saved = chunk
+    try:
+        if chunk > 0:
+            rep_cfg.train_chunk = 0
+        m1, m2 = peak(s1), peak(s2)            # one piece: k + (a + b) R
+        if 0 < chunk < r:
+            # chunks of c0 rays at both sizes: k' + a R + b c0 (k' holds what chunking costs
+            # once, e.g. a second table gradient being summed into the first)
+            c0 = max(r1 // 4, 1)
+            rep_cfg.train_chunk = c0
+            m3, m4 = peak(s1), peak(s2)
+    finally:
+        if chunk > 0:
+            rep_cfg.train_chunk = saved
+    optimizer.zero_grad(set_to_none=True)
+    if 0 < chunk < r:
+        a = max(m4 - m3, 0) / (r2 - r1)
+        b = max(max(m2 - m1, 0) / (r2 - r1) - a, 0.0)
+        render = int(m3 + a * (r - r1) + b * (chunk - c0))
+    else:
+        # one piece at the target size: m(R) = k + c R through the two measurements
+        render = int(m1 + max(m2 - m1, 0) / (r2 - r1) * (r - r1))
+    return fixed + state + max(before, update, render)
 
 
 def estimate_run(cfg, device_type: str = "cuda") -> List[Phase]:

@@ -96,3 +96,57 @@ def test_estimate_of_a_toy_recipe_prints_every_stage(capsys):
     assert {r[0] for r in rows} == {"nerf", "dmtet"}
     assert all(float(r[-1]) > 0 for r in rows)
     assert "converted folder" in out and "float32" in out
+
+
+def _measured_step(cfg, sname: str, size: int) -> int:
+    """What one training step of the stage's representation holds at its peak, measured at the
+    full size: parameters + Adam state + the largest transient (the way a run lives)."""
+    from engine.config import build
+    from engine.plugin import StepInfo
+
+    comps = cfg.components[sname]
+    torch.manual_seed(0)
+    rep = build("representation", comps["representation"], device="cpu").train()
+    bg = build("background", comps["background"], device="cpu")
+    cams = build("cameras", comps["cameras"], device="cpu").sample(
+        0, torch.Generator().manual_seed(0))
+    info = StepInfo(sname, 0, 0, 10, 0)
+    params = [p for p in rep.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-6)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = rep.render(cams, size, size, background=bg, step=info)
+        loss = out["rgb"].mean() + sum(rep.regularizers(out, info).values())
+        loss.backward()
+        opt.step()
+
+    rep.before_step(info)
+    step()                                     # the optimiser's state exists from here on
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                if torch.is_tensor(t))
+    return bytes_of(rep) + state + measure(step).peak
+
+
+@pytest.mark.slow
+def test_representation_estimate_extrapolates_chunked_nerf_renders():
+    """The chunk-aware extrapolation from 16 and 32 px lands near a step measured at 64 px, and
+    it sees what chunking saves: with 4 x 64 px = 16384 rays in chunks of 1024 it is well below
+    the one-piece estimate."""
+    from engine import config
+    from engine.estimate import Phase, representation_bytes
+
+    over = ["stages.nerf.representation.hash_grid.compile=false",
+            "stages.nerf.representation.samples_per_ray=64"]
+    chunked, _ = config.load("isotropic3d-toy", over + ["stages.nerf.representation.train_chunk=1024"])
+    whole, _ = config.load("isotropic3d-toy", over + ["stages.nerf.representation.train_chunk=0"])
+    phase = Phase("nerf", 0, 10, 64, 4)
+    est_chunked = representation_bytes(chunked, "nerf", phase)
+    est_whole = representation_bytes(whole, "nerf", phase)
+    real_chunked = _measured_step(chunked, "nerf", 64)
+    real_whole = _measured_step(whole, "nerf", 64)
+    print(f"MiB: chunked est {est_chunked / 2**20:.0f} real {real_chunked / 2**20:.0f}; "
+          f"whole est {est_whole / 2**20:.0f} real {real_whole / 2**20:.0f}")
+    assert real_chunked < 0.6 * real_whole
+    assert 0.75 * real_chunked < est_chunked < 1.5 * real_chunked
+    assert 0.75 * real_whole < est_whole < 1.5 * real_whole
