@@ -3,23 +3,29 @@
 A checkpoint holds the trainable state of a stage (representation, background, optimiser),
 never a frozen model. Tensors are stored under prefixed names (``representation.*``,
 ``background.*``, ``optimizer.state.<i>.<key>``); everything else (stage, step, optimiser
-hyper-parameters) is JSON in the file's metadata.
+hyper-parameters) is JSON in the file's metadata, beside a SHA-256 of the tensors that
+:func:`load` checks, so a flipped bit is caught rather than trained on. :func:`load` also
+refuses metadata :func:`save` would not write (a crafted file is one line, not a traceback),
+and :func:`newest_intact` lets ``resume=RUN`` skip damaged checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import math
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 from torch import Tensor
 
+# atomic_write and atomic_write_text stay importable from here (their home before engine.atomic)
+from engine.atomic import atomic_write, atomic_write_bytes, atomic_write_text  # noqa: F401
 from engine.errors import UserError
 
 META_KEY = "engine"
@@ -34,24 +40,6 @@ NAME_RE = re.compile(r"^(\d+)-(.+)-(\d+)\.safetensors$")
 def checkpoint_name(stage_index: int, stage: str, step: int) -> str:
     """Names sort in training order: ``01-nerf-0000500.safetensors``."""
     return f"{stage_index:02d}-{stage}-{step:07d}.safetensors"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
 
 
 def _flatten_optimizer(state: Dict[str, Any]) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
@@ -77,9 +65,24 @@ def _unflatten_optimizer(tensors: Dict[str, Tensor], meta: Dict[str, Any]) -> Di
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+CHECKSUM_KEY = "sha256"
+
+
+def tensors_checksum(tensors: Dict[str, Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: a flipped
+    bit anywhere in the data changes it."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save(path: Path, *, modules: Dict[str, torch.nn.Module],
          optimizer: Optional[torch.optim.Optimizer], info: Dict[str, Any]) -> Path:
-    """Write ``modules``' state dicts, the optimiser state and ``info`` (JSON) to ``path``."""
+    """Write ``modules``' state dicts, the optimiser state and ``info`` (JSON) to ``path``,
+    with a checksum of the tensors in the metadata (verified by :func:`load`)."""
     tensors: Dict[str, Tensor] = {}
     for prefix, module in modules.items():
         for key, value in module.state_dict().items():
@@ -94,24 +97,89 @@ def save(path: Path, *, modules: Dict[str, torch.nn.Module],
     if bad:   # never write a state that cannot be resumed from
         raise NonFiniteState(f"not saving {path.name}: non-finite values in "
                              f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
-    atomic_write(path, lambda p: save_file(tensors, str(p),
-                                           metadata={META_KEY: json.dumps(meta)}))
+    # serialised in memory, then written by engine.atomic: a full disk is an OSError there
+    # (one line, nothing left under the final name), not an opaque serialiser error
+    data = save_bytes(tensors, metadata={META_KEY: json.dumps(meta),
+                                         CHECKSUM_KEY: tensors_checksum(tensors)})
+    atomic_write_bytes(path, data)
     return path
 
 
+class CheckpointDamaged(UserError):
+    """A checkpoint file that cannot be trusted: unreadable, cut short, a checksum that does
+    not match its tensors, or metadata that is not what :func:`save` writes."""
+
+
+def _header_metadata(data: bytes) -> Dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's JSON header (8-byte length, then JSON)."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError("its header is cut short")
+    header = json.loads(data[8:8 + n])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError("no metadata")
+    return meta
+
+
+def _check_meta(meta: Any, tensors: Dict[str, Tensor]) -> None:
+    """Refuse metadata that save() would not have written (hand-made or damaged), so a
+    crafted file is one line rather than a traceback deep in the trainer."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(what)
+
+    need(isinstance(meta, dict), "its metadata is not a mapping")
+    info = meta.get("info")
+    need(isinstance(info, dict), "no 'info' mapping in its metadata")
+    need(isinstance(info.get("stage", ""), str), "info.stage is not a name")
+    for key in ("step", "stage_index"):   # the engine's; fine-tuning writes no stage
+        v = info.get(key, 0)
+        need(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**53,
+             f"info.{key} is not a step number")
+    need(isinstance(info.get("stage_end", True), bool), "info.stage_end is not true/false")
+    opt = meta.get("optimizer")
+    if opt is not None:
+        need(isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
+             and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                     for g in opt["param_groups"]), "optimizer.param_groups is malformed")
+        scalars = opt.get("scalars", {})
+        need(isinstance(scalars, dict) and all(k.isdigit() and isinstance(v, dict)
+                                               for k, v in scalars.items()),
+             "optimizer.scalars is malformed")
+    for name in tensors:
+        if name.startswith("optimizer.state."):
+            idx, _, key = name[len("optimizer.state."):].partition(".")
+            need(idx.isdigit() and bool(key), f"tensor name '{name}' is malformed")
+
+
 def load(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-    """Read a checkpoint: (tensors, metadata). A damaged file is a clear user error."""
+    """Read a checkpoint: (tensors, metadata). The tensors' checksum is verified (files of
+    engines before checksums have none and are read as they are); a missing file, a damaged
+    one or crafted metadata is a one-line UserError (:class:`CheckpointDamaged`)."""
     path = Path(path)
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[META_KEY])
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}")
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
-        raise UserError(f"checkpoint {path} is damaged or not an engine checkpoint ({exc}); "
-                        "resume from an earlier one in the same checkpoints/ folder")
+        raise UserError(f"checkpoint not found: {path}") from None
+    except OSError as exc:
+        raise CheckpointDamaged(f"checkpoint {path} cannot be read: "
+                                f"{exc.strerror or exc}") from None
+    try:
+        raw = _header_metadata(data)
+        tensors = load_bytes(data)
+        meta = json.loads(raw[META_KEY])
+        expected = raw.get(CHECKSUM_KEY)
+        if expected is not None and tensors_checksum(tensors) != expected:
+            raise ValueError("its tensors do not match their checksum")
+        _check_meta(meta, tensors)
+    except (SafetensorError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointDamaged(f"checkpoint {path} is damaged or not an engine checkpoint "
+                                f"({detail}); resume from an earlier one in the same "
+                                "checkpoints/ folder") from None
     return tensors, meta
 
 
@@ -155,10 +223,38 @@ def restore(tensors: Dict[str, Tensor], meta: Dict[str, Any], *,
         except RuntimeError as exc:
             raise CheckpointMismatch(prefix, str(exc).splitlines()[-1].strip()) from None
     if optimizer is not None and "optimizer" in meta:
+        # the live groups' hyper-parameters, before load_state_dict replaces them
+        reference = [{k: v for k, v in g.items() if k != "params"}
+                     for g in optimizer.param_groups]
         try:
             optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-        except (ValueError, KeyError, RuntimeError) as exc:
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
             raise CheckpointMismatch("optimizer", str(exc).splitlines()[0]) from None
+        _check_groups(meta["optimizer"]["param_groups"], reference)
+
+
+def _check_groups(saved: List[dict], live: List[dict]) -> None:
+    """The restored hyper-parameters (betas, eps, ...) must have the types the optimiser
+    uses: a crafted string or NaN there would fail only inside optimizer.step()."""
+    for group, ref in zip(saved, live):
+        for key, value in ref.items():
+            if key == "params" or key not in group:
+                continue
+            got = group[key]
+            if isinstance(value, bool) or value is None or isinstance(value, str):
+                ok = got is None or isinstance(got, type(value)) or value is None
+            elif isinstance(value, (int, float)):
+                ok = isinstance(got, (int, float)) and not isinstance(got, bool) \
+                    and math.isfinite(got)
+            elif isinstance(value, (list, tuple)):
+                ok = isinstance(got, (list, tuple)) and len(got) == len(value) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool)
+                    and math.isfinite(x) for x in got)
+            else:
+                ok = True
+            if not ok:
+                raise CheckpointMismatch("optimizer", f"hyper-parameter '{key}' is {got!r} "
+                                                      "in the checkpoint")
 
 
 def nonfinite_tensors(tensors: Dict[str, Tensor]) -> List[str]:
@@ -201,4 +297,27 @@ def find_resume_checkpoint(path: Path) -> Tuple[Path, Path]:
     if not found:
         raise UserError(f"resume={path}: no checkpoint in {path / 'checkpoints'}; the run "
                         "stopped before its first checkpoint, start it again")
-    return path, found[-1]
+    return path, newest_intact(found)
+
+
+def newest_intact(found: List[Path]) -> Path:
+    """The newest of ``found`` (in training order) that reads and matches its checksum. When
+    newer ones are damaged (a disk error, a copy cut short), one line on stderr says which
+    were skipped; the resume then starts from the intact one, which drops the later files
+    as any resume from an earlier checkpoint does. All damaged: the newest one's error."""
+    import sys
+
+    damaged: List[Tuple[Path, str]] = []
+    for path in reversed(found):
+        try:
+            load(path)
+        except CheckpointDamaged as exc:
+            damaged.append((path, str(exc)))
+            continue
+        if damaged:
+            names = ", ".join(p.name for p, _ in damaged)
+            print(f"note: checkpoint {names} {'is' if len(damaged) == 1 else 'are'} damaged "
+                  f"(checksum or format); resuming from the newest intact one, {path.name}",
+                  file=sys.stderr)
+        return path
+    raise CheckpointDamaged(damaged[0][1])

@@ -16,7 +16,8 @@ None, ``lr=1e-4`` a float) and then checked against the key's type; a ``str`` ke
 text as typed (``out=007`` is ``"007"``), except that an empty value or ``null`` is None.
 An empty value is refused where the key has a default other than None (``count=``), unless
 its type is None (any YAML value).
-``choices`` limit a key's values (every element, for a list). ``positional`` names items
+``choices`` limit a key's values (every element, for a list); ``maximum`` bounds a number
+that sizes an allocation (one line naming the key, the value and the limit). ``positional`` names items
 given without a key, in order, all of them required (``python -m engine.evaluate PRED REF``;
 a positional that contains ``=`` is taken as one when it looks like a path, ``out/a=b.obj``).
 ``repeat=True`` keys collect every occurrence into a list (``recipe=a recipe=b``); any other
@@ -58,6 +59,7 @@ class Key:
     required: bool = False
     repeat: bool = False
     choices: Optional[Sequence[Any]] = None
+    maximum: Optional[float] = None      # a size that allocates: refused above this
 
 
 @dataclass
@@ -256,6 +258,10 @@ class Command:
                         raise ConfigError(f"{name}: '{_show(v)}' is not one of "
                                           f"{', '.join(map(str, key.choices))}"
                                           f"{did_you_mean(_show(v), map(str, key.choices))}")
+            if key.maximum is not None and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool) and value > key.maximum:
+                raise ConfigError(f"{name}={_show(value)} is above the limit "
+                                  f"{_show(key.maximum)}; lower it")
             if key.repeat:
                 if value is None:
                     raise ConfigError(f"{name}= needs a value (see {self.prog} --help)")

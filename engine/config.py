@@ -22,6 +22,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from engine import registry
+from engine.bounds import check_limits
 from engine.errors import ConfigError, did_you_mean
 from engine.export import ExportConfig
 from engine.schedules import Schedule, parse_all
@@ -169,10 +170,15 @@ COMPONENT_KINDS = {"representation": "representation", "guidance": "guidance",
 # -- reading YAML ------------------------------------------------------------------------
 
 def read_yaml(path: Path, what: str = "recipe") -> dict:
+    """A recipe, fragment or saved config as a mapping, read as untrusted input (size,
+    encoding and alias-expansion limits: engine/recipe_files.py); mistakes are one line."""
+    from engine.recipe_files import load_yaml, read_text
+
+    text = read_text(Path(path), what)
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file not found: {path}")
+        data = load_yaml(text, f"{what} {path}")
+    except RecursionError:
+        raise ConfigError(f"{what} {path} is nested too deeply to read") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -238,7 +244,10 @@ def load_recipe(name_or_path: str, subfolder: Optional[str] = None,
 # -- command line items -------------------------------------------------------------------
 
 def parse_overrides(items: List[str]) -> List[Tuple[str, Any]]:
-    """``key=value`` items -> [(full_key, value)], aliases rewritten, values YAML-typed."""
+    """``key=value`` items -> [(full_key, value)], aliases rewritten, values YAML-typed
+    (with the recipe files' alias bound; resolver interpolations refused)."""
+    from engine.recipe_files import check_interpolations, load_yaml
+
     out = []
     for item in items:
         if "=" not in item:
@@ -249,9 +258,10 @@ def parse_overrides(items: List[str]) -> List[Tuple[str, Any]]:
         if not key:
             raise ConfigError(f"'{item}' has an empty key")
         try:
-            parsed = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
+            parsed = load_yaml(value, f"override {key}") if value != "" else None
+        except (yaml.YAMLError, RecursionError):
             parsed = value
+        check_interpolations(parsed, "command line", f"{key}.")
         out.append((key, parsed))
     return out
 
@@ -388,6 +398,7 @@ def compose(recipe: str, overrides: List[Tuple[str, Any]], base: Optional[dict] 
             provenance: Optional[Dict[str, str]] = None) -> DictConfig:
     """defaults <- recipe chain (extends / include; or ``base``, a saved config) <- overrides,
     merged but not validated. ``provenance``, when given, is filled with key -> source."""
+    from engine.recipe_files import check_interpolations
     from engine.recipes import Source, drop_replaced_components, flatten, recipe_chain
 
     defaults = read_yaml(CONFIGS_DIR / "defaults.yaml", "defaults")
@@ -401,6 +412,7 @@ def compose(recipe: str, overrides: List[Tuple[str, Any]], base: Optional[dict] 
     prov: Dict[str, str] = {}
     for src in sources:
         data = src.data
+        check_interpolations(data, src.label)     # no ${oc.env:...} from any recipe layer
         stages = data.get("stages")
         if stages is not None and not (isinstance(stages, dict)
                                        and all(isinstance(v, dict) for v in stages.values())):
@@ -454,6 +466,8 @@ def resolve(merged: DictConfig) -> Tuple[RunConfig, DictConfig]:
                               f"stage{did_you_mean(stage.init_from, stage_names[:i])}; earlier "
                               f"stages: {', '.join(stage_names[:i]) or 'none'}")
     _check_exportable(cfg)
+    # sizes that allocate, with every plugin default filled in (engine/bounds.py)
+    check_limits(OmegaConf.to_container(resolved))
     return cfg, resolved
 
 
@@ -542,6 +556,11 @@ def load(recipe: Optional[str], items: List[str], base: Optional[dict] = None
             provenance[key] = f"default of {owner}" if owner else "schema default"
     cfg.provenance = provenance
     return cfg, resolved
+
+
+def plain(resolved: DictConfig) -> dict:
+    """The resolved config as plain Python containers."""
+    return OmegaConf.to_container(resolved)
 
 
 def to_yaml(resolved: DictConfig) -> str:

@@ -44,7 +44,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 def run_cli(run: Callable[[List[str]], int], argv: List[str]) -> int:
     """Run a command-line entry point: user errors and deliberate aborts become one line on
-    stderr and their exit code, never a traceback; Ctrl-C outside a trainer exits with 130."""
+    stderr and their exit code, never a traceback (running out of memory is a user error:
+    exit 2); Ctrl-C outside a trainer exits with 130."""
     try:
         return run(argv)
     except UserError as exc:
@@ -53,6 +54,14 @@ def run_cli(run: Callable[[List[str]], int], argv: List[str]) -> int:
     except RunAborted as exc:
         print(f"aborted: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:   # running out of memory is the user's to fix, not a bug
+        if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):
+            raise
+        first = " ".join(str(exc).split())[:160]
+        print(f"error: out of memory{f' ({first})' if first else ''}; lower the sizes "
+              "(resolutions, samples, views) or use a larger device (python -m engine.run "
+              "recipe=NAME --estimate predicts a run's peak)", file=sys.stderr)
+        return UserError.exit_code
     except KeyboardInterrupt:
         print("interrupted (no checkpoint written since the last one; finished work is kept)",
               file=sys.stderr)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
+from engine.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from engine.cameras import orbit
 from engine.errors import ConfigError, RunAborted
 from engine.plugin import StepInfo
@@ -265,7 +266,9 @@ def export_representation(rep, out_dir, cfg: ExportConfig,
         rep: a Representation with ``surface(resolution)`` and ``albedo(points)``.
         out_dir: folder to write into (created). cfg: :class:`ExportConfig`.
     Returns:
-        {"glb": path, "obj": path, "mtl": path, "texture": path} for the formats written.
+        {"glb": path, "obj": path, "mtl": path, "texture": path} for the formats written,
+        plus what the representation's optional ``export_files(out_dir)`` wrote (e.g.
+        {"ply": path}).
     Raises:
         ValueError when the representation yields no surface.
     """
@@ -308,7 +311,12 @@ def export_representation(rep, out_dir, cfg: ExportConfig,
         rep.train(was_training)
     tex8 = (texture.cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
     mesh = textured_mesh(atlas_verts, faces_uv, uvs, tex8, normals=normals)
-    return write_mesh(mesh, out, cfg.formats, obj_y_up=cfg.y_up)
+    written = write_mesh(mesh, out, cfg.formats, obj_y_up=cfg.y_up)
+    # a representation's own files beside the mesh (Gaussians: a 3DGS .ply)
+    export_files = getattr(rep, "export_files", None)
+    if export_files is not None:
+        written.update(export_files(out))
+    return written
 
 
 def _gltf_tree(tree: dict) -> None:
@@ -346,7 +354,7 @@ def write_mesh(mesh, out: Path, formats: List[str], stem: str = "mesh",
     written: Dict[str, str] = {}
     if "glb" in formats:
         path = out / f"{stem}.glb"
-        path.write_bytes(trimesh.exchange.gltf.export_glb(
+        atomic_write_bytes(path, trimesh.exchange.gltf.export_glb(
             y_up, include_normals=True, tree_postprocessor=_gltf_tree))
         written["glb"] = str(path)
     if "obj" in formats:
@@ -356,15 +364,18 @@ def write_mesh(mesh, out: Path, formats: List[str], stem: str = "mesh",
             y_up if obj_y_up else mesh, include_normals=True, include_texture=True,
             return_texture=True, mtl_name=mtl_name)
         frame = OBJ_Y_UP_LINE if obj_y_up else OBJ_Z_UP_LINE
-        (out / f"{stem}.obj").write_text(f"{frame}\n{obj_text}")
+        # the texture and material first, the OBJ that names them last: a reader never
+        # finds an OBJ whose texture is missing (each file is written atomically)
+        texture = Image.fromarray(_texture_image(mesh))
+        atomic_write(out / tex_name, lambda tmp: texture.save(tmp, format="PNG"))
         used = re.search(r"^usemtl (\S+)", obj_text, flags=re.M)
         # our own MTL: full-white Kd (trimesh's default grey would darken the texture in
         # viewers that multiply) and a stable texture file name
-        (out / mtl_name).write_text(
-            f"newmtl {used.group(1) if used else 'albedo'}\n"
-            "Ka 1.000 1.000 1.000\nKd 1.000 1.000 1.000\nKs 0.000 0.000 0.000\n"
-            f"Ns 1.0\nillum 1\nd 1.0\nmap_Kd {tex_name}\n")
-        Image.fromarray(_texture_image(mesh)).save(out / tex_name)
+        atomic_write_text(out / mtl_name,
+                          f"newmtl {used.group(1) if used else 'albedo'}\n"
+                          "Ka 1.000 1.000 1.000\nKd 1.000 1.000 1.000\nKs 0.000 0.000 0.000\n"
+                          f"Ns 1.0\nillum 1\nd 1.0\nmap_Kd {tex_name}\n")
+        atomic_write_text(out / f"{stem}.obj", f"{frame}\n{obj_text}")
         written.update(obj=str(out / f"{stem}.obj"), mtl=str(out / mtl_name),
                        texture=str(out / tex_name))
     return written
@@ -424,11 +435,13 @@ def render_turntable(rep, out_dir, cfg: ExportConfig, background,
     written: Dict[str, str] = {}
     if "gif" in tt.formats:
         path = out / f"{stem}.gif"
-        iio.imwrite(path, video, duration=1000.0 / tt.fps, loop=0)
+        atomic_write(path, lambda tmp: iio.imwrite(tmp, video, duration=1000.0 / tt.fps,
+                                                   loop=0))
         written["gif"] = str(path)
     if "mp4" in tt.formats:
         path = out / f"{stem}.mp4"
-        imageio_v2.mimwrite(path, list(video), fps=tt.fps, codec="libx264", quality=8,
-                            macro_block_size=2, pixelformat="yuv420p")
+        atomic_write(path, lambda tmp: imageio_v2.mimwrite(
+            tmp, list(video), fps=tt.fps, codec="libx264", quality=8, macro_block_size=2,
+            pixelformat="yuv420p"))
         written["mp4"] = str(path)
     return written

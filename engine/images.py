@@ -42,16 +42,22 @@ _GREY16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def _open(path: Path) -> Image.Image:
-    if not path.exists():
-        raise InputError(f"image not found: {path}; check the path given to image=")
-    if path.is_dir():
+    import stat
+
+    try:   # stat, not exists(): a folder that may not be searched raises PermissionError
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(f"image not found: {path}; check the path given to image=") from None
+    except OSError as exc:
+        raise InputError(f"image {path} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
         raise InputError(f"image= points to a folder, not a file: {path}")
     Image.MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE
     try:
         img = Image.open(path)
         img.load()
     except PermissionError:
-        raise InputError(f"image {path} cannot be read: permission denied")
+        raise InputError(f"image {path} cannot be read: permission denied") from None
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         if isinstance(exc, Image.DecompressionBombError):
             raise InputError(f"image {path} is too large (more than {MAX_SIDE}x{MAX_SIDE} "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.checkpoint import atomic_write_text
+from engine.atomic import USER_ERRNOS, WriteFailed, atomic_write, atomic_write_text
 from engine.errors import UserError
 
 
@@ -130,6 +130,9 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except OSError as exc:    # a read-only or foreign folder: the user's to fix
+            raise UserError(f"cannot write in the run folder {self.path.parent}: "
+                            f"{exc.strerror or exc}; give a writable folder (out=)") from None
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
         self.held = True
@@ -211,10 +214,18 @@ class MetricsLog:
         self._file = open(path, "a", buffering=1)
 
     def write(self, record: Dict[str, Any]) -> None:
-        self._file.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
+        try:
+            self._file.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
+        except OSError as exc:   # a full disk: one line; a resume drops a line cut short
+            if exc.errno in USER_ERRNOS:
+                raise WriteFailed(self.path, exc) from None
+            raise
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:   # the flush of a line a full disk refused: already reported
+            pass
 
     @staticmethod
     def truncate_after(path: Path, stage_index: int, step: int) -> None:
@@ -243,5 +254,5 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 def save_grid(path: Path, rows: list) -> None:
     """Save rows of [B, H, W, C] image batches as one PNG (each row: the B views side by side)."""
     strips = [np.concatenate([to_uint8(img) for img in row], axis=1) for row in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(strips, axis=0)).save(path)
+    image = Image.fromarray(np.concatenate(strips, axis=0))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -103,6 +103,17 @@ class Representation(nn.Module):
     def before_step(self, step: StepInfo) -> None:
         """Called before each training step (e.g. to refresh an occupancy grid)."""
 
+    # Optional hooks for representations whose parameters change size during training
+    # (Gaussians densify and prune). The trainer calls ``after_step(step, optimizer)``, when
+    # a representation defines it, after every optimiser step that was applied; it may swap
+    # in new parameters of other sizes, editing the optimiser's groups and per-parameter
+    # state to match (the trainer re-reads the parameters from the optimiser's groups).
+    # Before a checkpoint is loaded it calls ``prepare_state(state)`` (the representation's
+    # tensors in the checkpoint, by state_dict key), so the parameters can take the
+    # checkpoint's sizes first.
+    def prepare_state(self, state: Dict[str, Tensor]) -> None:
+        """Make the parameters fit ``state``'s sizes before it is loaded (default: nothing)."""
+
     def surface(self, resolution: int) -> Tuple[Tensor, Tensor]:
         """The object's surface as a triangle mesh, for export.
 

@@ -97,6 +97,7 @@ def command():
 
 def run(argv: List[str]) -> int:
     from engine import checkpoint, config
+    from engine.bounds import check_memory
     from engine.errors import ConfigError
 
     if not argv:
@@ -138,13 +139,42 @@ def run(argv: List[str]) -> int:
         return _estimate(cfg, recipe or saved.get("recipe", ""))
     config.check_inputs(cfg)
     device = resolve_device(cfg.system.device)
+    check_memory(config.plain(resolved), device)    # before a model loads or a file is written
+    _preflight(cfg)
+    inputs = _load_inputs(cfg)
+    return _train(cfg, resolved, device, inputs, resume_ckpt, saved)
+
+
+def _preflight(cfg) -> None:
+    """Each component's preflight (weights present, ...) before anything loads or is
+    written. When a model is missing, the one line names every key that points at that same
+    model (isotropic3d's NeRF and DMTet stages share one), so one fix covers them all."""
+    from engine.errors import UserError
+
+    seen = set()
     for sname, stage_components in cfg.components.items():
         for field_name, (cls, ccfg) in stage_components.items():
             preflight = getattr(cls, "preflight", None)
-            if preflight is not None:
-                preflight(ccfg, key=f"stages.{sname}.{field_name}")
-    inputs = _load_inputs(cfg)
-    return _train(cfg, resolved, device, inputs, resume_ckpt, saved)
+            if preflight is None:
+                continue
+            key = f"stages.{sname}.{field_name}"
+            model = getattr(ccfg, "model", None)
+            if model is not None and model in seen:
+                continue
+            try:
+                preflight(ccfg, key=key)
+            except UserError as exc:
+                same = [f"stages.{s}.{f}.model" for s, comps in cfg.components.items()
+                        for f, (_, c) in comps.items()
+                        if (s, f) != (sname, field_name) and model is not None
+                        and getattr(c, "model", None) == model]
+                if not same:
+                    raise
+                one = len(same) == 1
+                raise UserError(f"{exc}; {' and '.join(same)} {'uses' if one else 'use'} the "
+                                f"same model: set {'it' if one else 'them'} too") from None
+            if model is not None:
+                seen.add(model)
 
 
 def _estimate(cfg, recipe: str) -> int:
@@ -169,6 +199,23 @@ def _load_inputs(cfg):
     return RunInputs(image=image, prompt=cfg.inputs.prompt)
 
 
+#: the picture after loading (upright, masked, re-centred, scaled), saved in the run folder
+INPUT_PICTURE = "input.png"
+
+
+def _save_input_picture(image, path) -> None:
+    """The reference image as the run uses it: RGB over white with the mask as alpha."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.atomic import atomic_write
+
+    rgba = np.concatenate([image.rgb.cpu().numpy(), image.mask.cpu().numpy()], axis=-1)
+    pixels = (np.clip(rgba, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    picture = Image.fromarray(pixels)          # [H, W, 4] uint8: RGBA
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
 def _train(cfg, resolved, device, inputs, resume_ckpt, saved=None) -> int:
     """Train in a new run folder, or continue one. A resume is a transaction: the folder is
     locked, then the checkpoint, the config and the modules' sizes are all checked
@@ -177,7 +224,7 @@ def _train(cfg, resolved, device, inputs, resume_ckpt, saved=None) -> int:
     import torch
 
     from engine import config
-    from engine.checkpoint import atomic_write_text
+    from engine.atomic import atomic_write_text, remove_stale_temps
     from engine.outputs import RunLock, create_run_dir
     from engine.trainer import Interrupted, Trainer
 
@@ -195,7 +242,11 @@ def _train(cfg, resolved, device, inputs, resume_ckpt, saved=None) -> int:
         trainer = Trainer(cfg, resolved, run_dir, inputs, device)
         if resume_ckpt is not None:
             trainer.prepare_resume(resume_ckpt, saved)   # writes nothing; raises on a mismatch
+            remove_stale_temps(run_dir)     # what a kill mid-write left; the lock is ours
         atomic_write_text(run_dir / "config.yaml", config.to_yaml(resolved))
+        if inputs.image is not None and not (run_dir / INPUT_PICTURE).is_file():
+            _save_input_picture(inputs.image, run_dir / INPUT_PICTURE)
+            print(f"input as the engine sees it: {run_dir / INPUT_PICTURE}")
         try:
             trainer.run(resume=resume_ckpt)
         except Interrupted as exc:
@@ -217,17 +268,22 @@ def _export(cfg, trainer, run_dir: Path, device) -> dict:
 
     from engine.errors import UserError
     from engine.export import export_representation, render_turntable
+    from engine.progress import bar
 
     parts = trainer.last_parts
     parts.representation.eval()
     parts.background.eval()
     out = run_dir / "export"
+    turntable = cfg.export.turntable.enabled
     try:
-        with torch.no_grad():
+        with torch.no_grad(), bar(2 if turntable else 1, "export: mesh", unit="part") as b:
             paths = dict(export_representation(parts.representation, out, cfg.export, device))
-            if cfg.export.turntable.enabled:
+            b.update(1)
+            if turntable:
+                b.set_description("export: turntable")
                 paths.update(render_turntable(parts.representation, out, cfg.export,
                                               parts.background, device))
+                b.update(1)
     except RuntimeError as exc:
         raise UserError(f"export failed: {exc}. Training is saved; fix the export settings and "
                         f"run python -m engine.run resume={run_dir} to export again") from None

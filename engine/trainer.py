@@ -231,8 +231,8 @@ class Trainer:
             rep = self._representation(sname)
             background = build("background", self._components(sname)["background"],
                                device=self.device).to(self.device)
-            ckpt.restore(*ckpt.load(path), modules={"representation": rep,
-                                                    "background": background}, optimizer=None)
+            _restore(*ckpt.load(path), modules={"representation": rep,
+                                                "background": background}, optimizer=None)
             self.finished[sname] = rep
             self.finished_backgrounds[sname] = background
         return self.finished[sname]
@@ -384,9 +384,9 @@ class Trainer:
                     self._build_prepared(si + 1)   # its init_from chain must load too
             else:
                 parts = self._build_prepared(si)
-                ckpt.restore(tensors, meta, modules={"representation": parts.representation,
-                                                     "background": parts.background},
-                             optimizer=parts.optimizer)
+                _restore(tensors, meta, modules={"representation": parts.representation,
+                                                 "background": parts.background},
+                         optimizer=parts.optimizer)
                 self._plan = (si, cstep, None)
         except ckpt.CheckpointMismatch as exc:
             sname = cstage
@@ -408,8 +408,8 @@ class Trainer:
         rep = self._representation(sname)
         background = build("background", self._components(sname)["background"],
                            device=self.device).to(self.device)
-        ckpt.restore(tensors, meta, modules={"representation": rep, "background": background},
-                     optimizer=None)
+        _restore(tensors, meta, modules={"representation": rep, "background": background},
+                 optimizer=None)
         self.finished[sname] = rep
         self.finished_backgrounds[sname] = background
 
@@ -443,7 +443,16 @@ class Trainer:
         if self.last_parts is None:   # resumed after the last stage had finished
             last = stage_names[-1]
             self.last_parts = self._parts_for_finished(last)
+        self._redo_final_renders(stage_names[:start_stage])
         return self.run_dir
+
+    def _redo_final_renders(self, finished: List[str]) -> None:
+        """A kill between a stage's last checkpoint and its final render leaves no render;
+        a resume past that stage renders it from the checkpoint, so every STAGE-final.png
+        the run reports exists."""
+        for sname in finished:
+            if not (self.render_dir / f"{sname}-final.png").is_file():
+                self.render_progress(self._parts_for_finished(sname), f"{sname}-final")
 
     def _parts_for_finished(self, sname: str) -> StageParts:
         rep = self._finished(sname)
@@ -464,6 +473,8 @@ class Trainer:
                         out.progress)
         guard = StepGuard(parts.optimizer)
         params = [p for g in parts.optimizer.param_groups for p in g["params"]]
+        # representations that densify (Gaussians) edit parameters and optimiser state here
+        after_step = getattr(parts.representation, "after_step", None)
         nan_streak = 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -478,6 +489,8 @@ class Trainer:
             problem = None if finite else "the loss"
             if finite:
                 total.backward()
+                if after_step is not None:   # densification may have swapped parameters
+                    params = [p for g in parts.optimizer.param_groups for p in g["params"]]
                 finite = _finite([p.grad for p in params if p.grad is not None])
                 problem = None if finite else "the gradient"
             if total is not None and finite:
@@ -489,6 +502,8 @@ class Trainer:
                     guard.undo()
             if total is not None and finite:
                 nan_streak = 0
+                if after_step is not None:
+                    after_step(info, parts.optimizer)
             elif total is not None:
                 nan_streak += 1
                 parts.optimizer.zero_grad(set_to_none=True)
@@ -563,3 +578,14 @@ def load_finished_representation(run_dir: Path, stage: Optional[str] = None,
     trainer = Trainer(cfg, resolved, Path(run_dir), RunInputs(), torch.device(device))
     rep = trainer._finished(stage or list(cfg.stages)[-1])
     return rep.eval()
+
+
+def _restore(tensors, meta, *, modules, optimizer) -> None:
+    """:func:`engine.checkpoint.restore`, after each module that can change size in training
+    (``prepare_state``, e.g. Gaussians after densification) took the checkpoint's sizes."""
+    for prefix, module in modules.items():
+        prepare = getattr(module, "prepare_state", None)
+        if prepare is not None:
+            prepare({k[len(prefix) + 1:]: v for k, v in tensors.items()
+                     if k.startswith(prefix + ".")})
+    ckpt.restore(tensors, meta, modules=modules, optimizer=optimizer)

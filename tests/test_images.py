@@ -180,3 +180,18 @@ def test_the_loader_says_what_it_decided_in_one_line(tmp_path):
 def _save(path, img, **kw):
     img.save(path, **(kw if path.suffix == ".jpg" else {}))
     return path
+
+
+def test_the_run_saves_the_input_as_the_engine_sees_it(tmp_path):
+    """RUN/input.png is the loaded picture (upright, masked, re-centred, scaled): RGB over white
+    and the mask as alpha, at inputs.image_size, equal to what the loader returns."""
+    from engine.testing import run_recipe_steps
+
+    run = run_recipe_steps("fit-image-quick", steps=1, out=tmp_path / "run",
+                           image="examples/red-block.png", overrides=["inputs.image_size=48"])
+    saved = np.asarray(Image.open(run / "input.png"))
+    assert saved.shape == (48, 48, 4)
+    ref = load_reference_image("examples/red-block.png", 48, log=None)
+    want = np.concatenate([ref.rgb.numpy(), ref.mask.numpy()], axis=-1) * 255.0
+    assert np.abs(saved.astype(np.float64) - want).max() <= 0.51
+    assert saved[..., 3].min() == 0 and saved[..., 3].max() == 255      # background and object

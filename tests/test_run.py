@@ -134,19 +134,23 @@ def test_repeated_nan_aborts_and_keeps_a_checkpoint(rgba_image, tmp_path, capsys
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    import errno
+
+    from engine import atomic
+
     module = torch.nn.Linear(2, 2)
     path = tmp_path / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 1)
     checkpoint.save(path, modules={"m": module}, optimizer=None, info={"step": 1})
     before = path.read_bytes()
 
-    def broken_save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
-        raise OSError("disk full")
+    def disk_full(tmp):          # the data is in the temp file; the disk fills on the flush
+        Path(tmp).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken_save)
+    monkeypatch.setattr(atomic, "_fsync_file", disk_full)
     with torch.no_grad():
         module.weight.add_(1.0)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(atomic.WriteFailed, match="No space left"):
         checkpoint.save(path, modules={"m": module}, optimizer=None, info={"step": 1})
     assert path.read_bytes() == before                         # the old checkpoint survives
     assert [p.name for p in path.parent.iterdir()] == [path.name]   # no temp file left

@@ -64,8 +64,11 @@ def fake_sampler(monkeypatch):
     colours = {0: [0.9, 0.1, 0.1], 1: [0.1, 0.8, 0.1], 2: [0.2, 0.3, 0.9], 3: [0.9, 0.9, 0.1]}
     calls = []
 
-    def fake(model, cond, uncond, cam16, n, steps, scale, eta, generator, clip_sample=None):
+    def fake(model, cond, uncond, cam16, n, steps, scale, eta, generator, clip_sample=None,
+             progress=None):
         seed = int(generator.initial_seed())
+        if progress is not None:
+            progress.update(steps)
         calls.append((seed, steps, scale, tuple(cam16.shape)))
         img = picture(colours[seed % 4]).image.rgb.permute(2, 0, 1)
         return img[None].expand(n, -1, -1, -1).clone()

@@ -212,8 +212,9 @@ def command():
         Key("heldout_pool", int, _DEFAULTS["heldout_pool"],
             help="held-out objects are drawn among the first N (0: all)"),
         Key("seed", int, _DEFAULTS["seed"]),
-        Key("size", int, _DEFAULTS["size"], help="view size in pixels (>= 16)"),
-        Key("groups", int, _DEFAULTS["groups"], help="4-view groups (>= 1)"),
+        Key("size", int, _DEFAULTS["size"], help="view size in pixels (>= 16)",
+            maximum=4096),
+        Key("groups", int, _DEFAULTS["groups"], help="4-view groups (>= 1)", maximum=256),
         Key("references", int, _DEFAULTS["references"], help="free reference views (>= 0)"),
     ])
 

@@ -39,7 +39,8 @@ def command():
         Key("threshold", float, 0.05, help="F-score distance (> 0)"),
         Key("icp", bool, True, help="refine the yaw alignment with ICP"),
         Key("json", str, help="also write the scores to this JSON file"),
-        Key("samples", int, 10000, help="surface points per mesh (>= 100)"),
+        Key("samples", int, 10000, help="surface points per mesh (>= 100)",
+            maximum=10_000_000),
     ], positional=("pred", "ref"))
 
 

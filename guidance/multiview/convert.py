@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,7 +377,13 @@ def _clip_config(spec, ldm=None) -> dict:
         spec = (ldm.clip_arch if ldm is not None else None) or "ViT-H-14"
     path = Path(spec)
     if path.is_file():
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"clip: {path} is not a JSON file of an OpenCLIP model config "
+                            f"({_one_line(exc)})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"clip: {path} is not a JSON mapping (an OpenCLIP model config)")
         return data.get("model_cfg", data)
     import open_clip
 
@@ -517,23 +524,58 @@ def convert_file(src, out, unet="auto", clip=None, convention: Optional[str] = N
     """Convert ``src`` into the folder ``out``. Raises UserError (with the summary) when keys
     are missing and not allowed; prints the summary when ``echo``."""
     ldm = _ldm_config(config)          # a bad config fails before the checkpoint is read
-    sd = load_checkpoint(src)
-    model, report = convert_state_dict(sd, unet=unet, clip=clip, convention=convention,
-                                       allow_missing=allow_missing, dtype=dtype, config=ldm)
-    if echo:
-        print(report.summary())
-    if model is None:
-        counts = ", ".join(f"{c} {len(k)}" for c, k in report.missing.items() if k)
-        raise UserError(f"{src}: missing tensors ({counts}); nothing written (see the summary; "
-                        "allow_missing=true keeps random weights for them)")
-    source = {"source": {"path": str(Path(src).resolve()), "size": Path(src).stat().st_size,
-                         "mtime": Path(src).stat().st_mtime}}
-    if report.not_converted:
-        source["not_converted"] = {why: len(keys) for why, keys in report.not_converted.items()}
-    model.save_pretrained(out, extra={**source, **(extra or {})})
+    _check_out(Path(out))              # and so does an output folder that cannot be written
+    from engine.progress import bar
+
+    # a released checkpoint takes minutes to read, map and write: a bar on a terminal
+    progress = bar(3, f"converting {Path(src).name}: reading", unit="part")
+    try:
+        sd = load_checkpoint(src)
+        progress.update(1)
+        progress.set_description(f"converting {Path(src).name}: building the model")
+        model, report = convert_state_dict(sd, unet=unet, clip=clip, convention=convention,
+                                           allow_missing=allow_missing, dtype=dtype,
+                                           config=ldm)
+        progress.update(1)
+        if echo:
+            progress.write(report.summary(), file=sys.stdout)
+        if model is None:
+            counts = ", ".join(f"{c} {len(k)}" for c, k in report.missing.items() if k)
+            raise UserError(f"{src}: missing tensors ({counts}); nothing written (see the "
+                            "summary; allow_missing=true keeps random weights for them)")
+        source = {"source": {"path": str(Path(src).resolve()),
+                             "size": Path(src).stat().st_size,
+                             "mtime": Path(src).stat().st_mtime}}
+        if report.not_converted:
+            source["not_converted"] = {why: len(keys)
+                                       for why, keys in report.not_converted.items()}
+        progress.set_description(f"converting {Path(src).name}: writing {out}")
+        try:
+            model.save_pretrained(out, extra={**source, **(extra or {})})
+        except OSError as exc:      # disk full, permissions: the index is written last, so
+            raise UserError(f"cannot write {out}: {exc.strerror or exc}; the folder is not a "
+                            "usable model (no index); fix that and convert again") from None
+        progress.update(1)
+    finally:
+        progress.close()
     if echo:
         print(f"wrote {out}")
     return report
+
+
+def _check_out(out: Path) -> None:
+    """OUT must be a folder this process can create or write in (checked without creating
+    anything, so a conversion that fails later leaves no empty folder behind)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; give a new or existing folder "
+                        "as OUT")
+    base = out
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"cannot create the output folder {out}: {base} is not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the output folder {out}: {base} is not writable")
 
 
 def command():

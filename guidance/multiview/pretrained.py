@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
@@ -97,6 +98,11 @@ def _download_hub(name: str, key: str) -> Tuple[Path, Optional[str]]:
     except ImportError:
         raise UserError("huggingface_hub is not installed; pip install huggingface_hub or set "
                         f"{key}=PATH") from None
+    target = f"{repo} {filename}" if filename else repo
+    if not (filename and _cached_hub_file(repo, filename)):
+        # never silent: a released checkpoint is gigabytes (huggingface_hub shows the bar)
+        print(f"downloading {target} from the Hugging Face Hub into its cache (set {key}=PATH "
+              "to use a local copy; HF_HUB_OFFLINE=1 forbids downloads)", file=sys.stderr)
     try:
         if filename:
             return Path(hub.hf_hub_download(repo, filename)), convention
@@ -243,11 +249,17 @@ def load_multiview_model(name_or_path: str, device=None, dtype: Optional[torch.d
         if convention:
             model.info.camera_convention = convention
         return model
+    from engine.progress import bar
+
     local, kind, hint = _resolve(name_or_path, key, fetch=True)
     folder = convert_cached(local) if kind == "checkpoint" else local
     overrides = {}
     if convention or hint:
         overrides["camera_convention"] = convention or hint
-    return MultiViewDiffusionModel.from_pretrained(folder, device=device, dtype=dtype,
-                                                   load_conditioner=load_conditioner,
-                                                   **overrides)
+    # a released model takes tens of seconds to read: say what is happening on a terminal
+    with bar(1, f"loading model {folder}", unit="model") as progress:
+        model = MultiViewDiffusionModel.from_pretrained(folder, device=device, dtype=dtype,
+                                                        load_conditioner=load_conditioner,
+                                                        **overrides)
+        progress.update(1)
+    return model

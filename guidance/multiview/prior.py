@@ -269,13 +269,14 @@ class MultiViewPrior(nn.Module):
     @torch.no_grad()
     def sample(self, cond: Tensor, uncond: Tensor, cameras16: Tensor, steps: int,
                scale: float, eta: float = 0.0, generator: Optional[torch.Generator] = None,
-               clip_sample: Optional[bool] = None) -> Tensor:
+               clip_sample: Optional[bool] = None, progress=None) -> Tensor:
         """One group of views [V, 3, S, S] in [0, 1] drawn by DDIM with classifier-free
         guidance (:func:`guidance.multiview.sample.sample_views`) at cameras16 [V, 16]."""
         from guidance.multiview import sample as sampling
 
         return sampling.sample_views(self.model, cond, uncond, cameras16, cameras16.shape[0],
-                                     steps, scale, eta, generator, clip_sample=clip_sample)
+                                     steps, scale, eta, generator, clip_sample=clip_sample,
+                                     progress=progress)
 
 
 __all__ = ["MultiViewPrior", "PRECISIONS", "resolve_precision", "CONDITION_SIZE", "picture_batch"]

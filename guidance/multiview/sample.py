@@ -42,18 +42,19 @@ def command():
         Key("image", str, help="the input picture (image models)"),
         Key("prompt", str, help="the prompt (text models)"),
         Key("model", str, "pkunliu/Isotropic3D", help="converted folder, checkpoint or hub id"),
-        Key("steps", int, 50, help="DDIM steps"),
+        Key("steps", int, 50, help="DDIM steps", maximum=1000),
         Key("scale", float, 10.0, help="classifier-free guidance scale"),
         Key("elevation", float, 15.0),
         Key("azimuth", float, 0.0, help="azimuth of the first view (engine convention)"),
-        Key("views", int, 4),
+        Key("views", int, 4, maximum=64),
         Key("seed", int, 0),
         Key("eta", float, 0.0, help="DDIM stochasticity"),
         Key("device", str, "auto", help="auto | cpu | cuda | cuda:N"),
-        Key("image_size", int, 256, help="size the picture is loaded at"),
+        Key("image_size", int, 256, help="size the picture is loaded at", maximum=4096),
         # as inputs.object_fraction of a run: match the recipe's
         Key("object_fraction", float, 0.85, help="share of the frame the object fills"),
-        Key("candidates", int, 1, help="seeds drawn; the group most like the picture is kept"),
+        Key("candidates", int, 1, help="seeds drawn; the group most like the picture is kept",
+            maximum=256),
     ])
 
 
@@ -96,13 +97,14 @@ def ddim_scheduler(model, clip_sample: bool):
 @torch.no_grad()
 def sample_views(model, context_cond, context_uncond, cameras16, num_views: int, steps: int,
                  scale: float, eta: float, generator: torch.Generator,
-                 clip_sample: Optional[bool] = None):
+                 clip_sample: Optional[bool] = None, progress=None):
     """DDIM sampling of one object's ``num_views`` views.
 
     Args:
         context_cond / context_uncond: [1, L, D]; cameras16: [V, 16]. clip_sample: clamp
         each step's predicted x0 to [-1, 1]; default: for pixel-space models, whose x0 is
-        the image itself (a latent has no such range).
+        the image itself (a latent has no such range). progress: a bar advanced once a step
+        (engine.progress).
     Returns:
         images [V, 3, S, S] in [0, 1].
     """
@@ -123,6 +125,8 @@ def sample_views(model, context_cond, context_uncond, cameras16, num_views: int,
         out_u, out_c = out.chunk(2)
         out = out_u + scale * (out_c - out_u)
         x = sched.step(out, t, x, eta=eta, generator=generator).prev_sample
+        if progress is not None:
+            progress.update(1)
     return model.decode(x).clamp(0, 1)
 
 
@@ -143,13 +147,17 @@ def draw_best_group(prior, cond: Tensor, uncond: Tensor, cam16: Tensor, candidat
         (rgb [V, S, S, 3] on pure white, mask [V, S, S, 1], chosen index, errors [K] or None).
         Not differentiable.
     """
+    from engine.progress import bar
+
     rgbs, masks = [], []
-    for k in range(candidates):
-        g = torch.Generator().manual_seed(seed + k)
-        views = prior.sample(cond, uncond, cam16, steps, scale, eta, g)
-        rgb, mask = clean_views(views.float().permute(0, 2, 3, 1), mask_low, mask_high)
-        rgbs.append(rgb)
-        masks.append(mask)
+    with bar(candidates * steps, f"drawing {candidates} candidate view groups",
+             unit="step") as progress:
+        for k in range(candidates):
+            g = torch.Generator().manual_seed(seed + k)
+            views = prior.sample(cond, uncond, cam16, steps, scale, eta, g, progress=progress)
+            rgb, mask = clean_views(views.float().permute(0, 2, 3, 1), mask_low, mask_high)
+            rgbs.append(rgb)
+            masks.append(mask)
     rgbs, masks = torch.stack(rgbs), torch.stack(masks)              # [K, V, S, S, C]
     if input_view is None:
         return rgbs[0], masks[0], 0, None
@@ -193,16 +201,27 @@ def run(argv: List[str]) -> int:
               f" (match error {float(errors[chosen]):.4f})")
         views = rgb.permute(0, 3, 1, 2)
     else:
+        from engine.progress import bar
+
         gen = torch.Generator().manual_seed(args.seed)
-        views = prior.sample(cond, uncond, cam16, args.steps, args.scale, args.eta, gen)
+        with bar(args.steps, "sampling views", unit="step") as progress:
+            views = prior.sample(cond, uncond, cam16, args.steps, args.scale, args.eta, gen,
+                                 progress=progress)
     tiles = [to_uint8(v.permute(1, 2, 0)) for v in views]
     if image is not None:
         ref = torch.nn.functional.interpolate(image.rgb.permute(2, 0, 1)[None],
                                               size=tiles[0].shape[:2], mode="area")[0]
         tiles.insert(0, to_uint8(ref.permute(1, 2, 0)))
+    from engine.atomic import atomic_write
+    from engine.errors import UserError
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(tiles, axis=1)).save(out)
+    grid = Image.fromarray(np.concatenate(tiles, axis=1))
+    try:
+        atomic_write(out, grid.save)   # the temp name keeps the suffix, which picks the format
+    except (ValueError, KeyError):
+        raise UserError(f"out={out}: Pillow cannot tell the picture format from its suffix; "
+                        "use .png or .jpg") from None
     print(f"views: {out}")
     return 0
 
