@@ -11,20 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_fit_args
+from test_faults import folder_bytes, one_error_line
 from engine.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def folder_bytes(run_dir: Path) -> dict:
-    return {str(p.relative_to(run_dir)): p.read_bytes()
-            for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
 # -- recipe files ------------------------------------------------------------------------
