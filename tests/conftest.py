@@ -29,3 +29,15 @@ def tiny_fit_args(image: Path, out: Path, steps: int = 12, extra=()) -> list:
         "output.render_views=2", "output.render_every=0", "output.checkpoint_every=4",
         "output.keep_checkpoints=100", "export=null", *extra,
     ]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A run in-process applies its recipe's ``system.threads`` (isotropic3d-toy-gs sets 1) to
+    the whole process; restore the count so one test cannot slow every later one down."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
