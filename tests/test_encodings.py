@@ -245,6 +245,7 @@ def _tiny_float64():
     return layout_levels(lay), table, x
 
 
+@pytest.mark.slow          # 20-30 s each: float64 gradcheck through every level
 @pytest.mark.parametrize("with_jacobian", [False, True])
 def test_recompute_function_gradcheck_float64(with_jacobian):
     levels, table, x = _tiny_float64()
