@@ -22,7 +22,6 @@ On disk it is a diffusers-style folder::
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from engine.atomic import atomic_write_text
 from engine.errors import ConfigError, UserError, did_you_mean
 from guidance.multiview.cameras import CONVENTIONS
 from guidance.multiview.noise import (NUM_TRAIN_TIMESTEPS, add_noise, eps_from_v, predict_x0,
@@ -355,9 +355,7 @@ class MultiViewDiffusionModel(nn.Module):
         }
         if extra:
             index.update(extra)
-        tmp = folder / (INDEX_FILE + ".tmp")
-        tmp.write_text(json.dumps(index, indent=2))
-        os.replace(tmp, index_path)
+        atomic_write_text(index_path, json.dumps(index, indent=2))
         return folder
 
     @classmethod
