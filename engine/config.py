@@ -77,8 +77,15 @@ class OutputConfig:
     render_views: int = MISSING
     render_size: int = MISSING
     progress: bool = MISSING             # show the progress bar
+    tensorboard: bool = MISSING          # event files in RUN/tensorboard (engine/experiment_log.py)
+    wandb: bool = MISSING                # also log to Weights & Biases (pip install wandb)
+    wandb_project: str = MISSING         # the W&B project of output.wandb
 
     def __post_init__(self):
+        from engine.experiment_log import wandb_installed, wandb_missing
+
+        if self.wandb and not wandb_installed():
+            raise wandb_missing(prefix="")
         for k in ("checkpoint_every", "render_every"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k}: must be >= 0, got {getattr(self, k)}")

@@ -5,6 +5,8 @@ Layout of one run::
     outputs/RECIPE/NAME-YYYYmmdd-HHMMSS/
       config.yaml       the fully resolved config (re-runnable, used by resume=)
       metrics.jsonl     one JSON line per step: losses, weights, learning rates, time
+      tensorboard/      the same numbers and the progress renders as TensorBoard event files
+                        (engine/experiment_log.py; output.tensorboard=false: none)
       checkpoints/      NN-STAGE-STEP.safetensors
       renders/          progress images STAGE-STEP.png and final.png
       (exported meshes and videos of later stages)
@@ -251,8 +253,11 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
-def save_grid(path: Path, rows: list) -> None:
-    """Save rows of [B, H, W, C] image batches as one PNG (each row: the B views side by side)."""
+def save_grid(path: Path, rows: list) -> np.ndarray:
+    """Save rows of [B, H, W, C] image batches as one PNG (each row: the B views side by side);
+    return its pixels ([H, W, 3] uint8, for the experiment logs)."""
     strips = [np.concatenate([to_uint8(img) for img in row], axis=1) for row in rows]
-    image = Image.fromarray(np.concatenate(strips, axis=0))
+    pixels = np.concatenate(strips, axis=0)
+    image = Image.fromarray(pixels)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return pixels

@@ -25,6 +25,7 @@ from engine import checkpoint as ckpt
 from engine.cameras import orbit
 from engine.config import RunConfig, StageConfig, build, check_lr_groups
 from engine.errors import ConfigError, RunAborted
+from engine.experiment_log import ExperimentLog
 from engine.outputs import MetricsLog, save_grid
 from engine.plugin import Representation, RunInputs, StepInfo
 from engine.seeding import step_generator, step_seed
@@ -197,6 +198,7 @@ class Trainer:
         self.stop = StopFlag()
         self._plan: Optional[Tuple[int, int, Any]] = None   # from prepare_resume
         self._prepared: Optional[Tuple[int, StageParts]] = None
+        self.explog = ExperimentLog()      # TensorBoard / W&B while run() trains; else off
 
     # -- building -----------------------------------------------------------------------
     def _components(self, name: str) -> Dict[str, Tuple[type, Any]]:
@@ -312,6 +314,7 @@ class Trainer:
                              "finite, nothing was saved. Last good checkpoint: "
                              f"{earlier[-1] if earlier else 'none'}") from None
         self._prune()
+        self.explog.flush()    # the experiment logs hold at least what a resume starts from
         return path
 
     def _prune(self) -> None:
@@ -324,7 +327,10 @@ class Trainer:
         ckpt.prune(self.ckpt_dir, self.cfg.output.keep_checkpoints, keep_also=stage_end)
 
     @torch.no_grad()
-    def render_progress(self, parts: StageParts, name: str) -> Path:
+    def render_progress(self, parts: StageParts, name: str,
+                        log_as: Optional[Tuple[str, int]] = None) -> Path:
+        """Render the orbit preview to renders/NAME.png; ``log_as`` (stage, global step):
+        also to the experiment logs."""
         rep, bg = parts.representation, parts.background
         was_training = rep.training
         rep.eval(), bg.eval()
@@ -338,7 +344,9 @@ class Trainer:
             rows.append(out["normal"] * 0.5 + 0.5)
         rows.append(out["opacity"])
         path = self.render_dir / f"{name}.png"
-        save_grid(path, rows)
+        pixels = save_grid(path, rows)
+        if log_as is not None:
+            self.explog.image(log_as[0], pixels, log_as[1])
         rep.train(was_training), bg.train(was_training)
         return path
 
@@ -431,7 +439,14 @@ class Trainer:
             MetricsLog.truncate_after(self.run_dir / "metrics.jsonl", start_stage, start_step - 1)
         log = MetricsLog(self.run_dir / "metrics.jsonl")
         global_step = sum(self.cfg.stages[s].steps for s in stage_names[:start_stage])
+        explog = None
         try:
+            from omegaconf import OmegaConf
+
+            if start_stage < len(stage_names):    # (not when only the export is redone)
+                explog = self.explog = ExperimentLog.open(
+                    self.run_dir, self.cfg.output, config=OmegaConf.to_container(self.resolved),
+                    start_step=global_step + start_step, resumed=resume is not None)
             with self.stop:
                 for si in range(start_stage, len(stage_names)):
                     sname = stage_names[si]
@@ -440,6 +455,8 @@ class Trainer:
                     global_step += self.cfg.stages[sname].steps
         finally:
             log.close()
+            if explog is not None:
+                explog.close()
         if self.last_parts is None:   # resumed after the last stage had finished
             last = stage_names[-1]
             self.last_parts = self._parts_for_finished(last)
@@ -521,6 +538,7 @@ class Trainer:
                 record["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device)
                                                 / 2**30, 3)
             log.write(record)
+            self.explog.record(record)
             if total is not None and not finite and nan_streak >= self.cfg.system.max_nan_steps:
                 bar.close()
                 path = self.save_checkpoint(parts, sname, si, step, stage_end=False)
@@ -538,14 +556,16 @@ class Trainer:
                 if out.checkpoint_every and done % out.checkpoint_every == 0:
                     self.save_checkpoint(parts, sname, si, done, stage_end=False)
                 if out.render_every and done % out.render_every == 0:
-                    self.render_progress(parts, f"{sname}-{done:06d}")
+                    self.render_progress(parts, f"{sname}-{done:06d}",
+                                         log_as=(sname, global_step + step))
             if self.stop.requested:
                 path = self.save_checkpoint(parts, sname, si, done, stage_end=done == stage.steps)
                 bar.close()
                 raise Interrupted(f"interrupted in stage {sname} after step {done}", path)
         bar.close()
         self.save_checkpoint(parts, sname, si, stage.steps, stage_end=True)
-        self.render_progress(parts, f"{sname}-final")
+        self.render_progress(parts, f"{sname}-final",
+                             log_as=(sname, global_step + stage.steps - 1))
         self.last_parts = parts
         return parts.representation
 

@@ -37,7 +37,8 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["writing-a-guidance-plugin.md", "writing-a-representation.md", "composing-recipes.md"]
+DOCS = ["writing-a-guidance-plugin.md", "writing-a-representation.md", "composing-recipes.md",
+        "pointe.md"]
 MARKER = re.compile(r"^<!--\s*test(?::\s*(\w+)\s*(\S*))?\s*-->\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
 PLUGIN_WORDS = ("example-l1", "example-fit", "engine_plugin_example")

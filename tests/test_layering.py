@@ -3,7 +3,8 @@
 Four kinds of code, told apart by where they live:
 
 * core: the modules directly in ``engine/`` (and ``engine/resources``);
-* libraries: ``representations/lib/``, ``guidance/multiview/``, ``engine/datasets/mvdataset.py``;
+* libraries: ``representations/lib/``, ``guidance/multiview/``, ``guidance/pointcloud/``,
+  ``engine/datasets/mvdataset.py``;
 * plugins: the modules directly in ``representations/`` and ``guidance/`` (registered classes);
 * tools: ``engine/evaluate/``, ``engine/datasets/toy_world.py``, ``guidance/training/``,
   ``benchmarks/``.
@@ -52,7 +53,7 @@ def kind_of(module: str) -> Optional[str]:
     if top in ("representations", "guidance"):
         if len(parts) == 1:
             return None
-        if parts[1] in ("lib", "multiview"):
+        if parts[1] in ("lib", "multiview", "pointcloud"):
             return "library"
         if parts[1] == "training":
             return "tool"
