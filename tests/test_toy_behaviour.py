@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from engine.evaluate import view_scores as vs
 from engine.config import PROJECT_ROOT
@@ -28,27 +29,34 @@ def ground_truth_views(name: str, size: int) -> np.ndarray:
 SEEDS = (0, 1)
 
 
-def sample_views(image, grid, seed: int) -> np.ndarray:
-    """uint8 [4, S, S, 3]: the shipped stage 2's views of ``image`` by guidance.multiview.sample, with
-    the settings every behaviour test samples with (written to ``grid``)."""
-    from guidance.multiview.sample import main, read_views
+def sample_views(pictures, seeds) -> list:
+    """uint8 [4, S, S, 3] views of each picture (with its seed) by the shipped stage 2, with
+    the settings every behaviour test samples with: exactly what ``python -m
+    guidance.multiview.sample image=PICTURE seed=SEED`` with them draws, all pictures in one
+    batch through one model load (guidance.multiview.sample.sample_inputs)."""
+    from engine.images import load_reference_image
+    from engine.outputs import to_uint8
+    from guidance.multiview.prior import MultiViewPrior
+    from guidance.multiview.sample import parse_args, sample_inputs
 
-    assert main([f"image={image}", f"out={grid}", f"model={MODELS / 'stage2'}", "steps=30",
-                 "scale=2", f"seed={seed}", "device=cpu", f"elevation={vs.SAMPLE_ELEVATION}",
-                 "object_fraction=0.7"]) == 0
-    return read_views(grid)
+    args = parse_args([f"image={pictures[0]}", "out=unused.png", f"model={MODELS / 'stage2'}",
+                       "steps=30", "scale=2", "device=cpu", f"elevation={vs.SAMPLE_ELEVATION}",
+                       "object_fraction=0.7"])
+    prior = MultiViewPrior.load(args.model, device=torch.device("cpu"), dtype=None)
+    images = [load_reference_image(p, args.image_size, args.object_fraction) for p in pictures]
+    views = sample_inputs(prior, images, [None] * len(images), list(seeds), args)
+    return [np.stack([to_uint8(v.permute(1, 2, 0)) for v in group]) for group in views]
 
 
 @pytest.fixture(scope="module")
-def samples(tmp_path_factory):
-    """{seed: {example: uint8 [4, S, S, 3] views sampled by guidance.multiview.sample from its picture}}.
+def samples():
+    """{seed: {example: uint8 [4, S, S, 3] views sampled from its picture}}.
     Two seeds: with one, a pattern in one view's starting noise can show in every example."""
-    out = tmp_path_factory.mktemp("samples")
+    jobs = [(seed, name) for seed in SEEDS for name in NAMES]
+    drawn = sample_views([f"{EXAMPLES / name}.png" for _, name in jobs], [s for s, _ in jobs])
     views = {}
-    for seed in SEEDS:
-        for name in NAMES:
-            views.setdefault(seed, {})[name] = sample_views(
-                f"{EXAMPLES / name}.png", out / f"{name}-{seed}.png", seed)
+    for (seed, name), v in zip(jobs, drawn):
+        views.setdefault(seed, {})[name] = v
     return views
 
 
@@ -105,11 +113,12 @@ def unseen(tmp_path_factory):
     generate(data, count=UNSEEN_COUNT, heldout=0, seed=UNSEEN_SEED, groups=1, references=0)
     ids = [f"obj_{i:05d}" for i in range(UNSEEN_COUNT)]
     kinds = [json.loads((data / i / "object.json").read_text())["kind"] for i in ids]
+    jobs = [(seed, oid) for seed in SEEDS for oid in ids]
+    drawn = sample_views([data / oid / "r0.png" for _, oid in jobs], [s for s, _ in jobs])
     samples, truths = {}, {}
+    for (seed, oid), v in zip(jobs, drawn):
+        samples.setdefault(seed, {})[oid] = v
     for oid in ids:
-        for seed in SEEDS:
-            samples.setdefault(seed, {})[oid] = sample_views(
-                data / oid / "r0.png", root / f"{oid}-{seed}.png", seed)
         mesh = trimesh.load(data / oid / "mesh.obj", force="mesh", process=False)
         truths[oid] = vs.ground_truth_views(mesh, samples[SEEDS[0]][oid].shape[1])
     return truths, kinds, samples

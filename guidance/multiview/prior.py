@@ -268,10 +268,11 @@ class MultiViewPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: Tensor, uncond: Tensor, cameras16: Tensor, steps: int,
-               scale: float, eta: float = 0.0, generator: Optional[torch.Generator] = None,
+               scale: float, eta: float = 0.0, generator=None,
                clip_sample: Optional[bool] = None, progress=None) -> Tensor:
-        """One group of views [V, 3, S, S] in [0, 1] drawn by DDIM with classifier-free
-        guidance (:func:`guidance.multiview.sample.sample_views`) at cameras16 [V, 16]."""
+        """Groups of views [K * V, 3, S, S] in [0, 1] drawn by DDIM with classifier-free
+        guidance (:func:`guidance.multiview.sample.sample_views`) at cameras16 [V, 16], one
+        group per context of ``cond`` [K, L, D] (``generator``: one, or a list of K)."""
         from guidance.multiview import sample as sampling
 
         return sampling.sample_views(self.model, cond, uncond, cameras16, cameras16.shape[0],

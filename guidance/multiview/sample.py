@@ -96,35 +96,48 @@ def ddim_scheduler(model, clip_sample: bool):
 
 @torch.no_grad()
 def sample_views(model, context_cond, context_uncond, cameras16, num_views: int, steps: int,
-                 scale: float, eta: float, generator: torch.Generator,
-                 clip_sample: Optional[bool] = None, progress=None):
-    """DDIM sampling of one object's ``num_views`` views.
+                 scale: float, eta: float, generator, clip_sample: Optional[bool] = None,
+                 progress=None):
+    """DDIM sampling of the ``num_views`` views of K objects at once.
 
     Args:
-        context_cond / context_uncond: [1, L, D]; cameras16: [V, 16]. clip_sample: clamp
-        each step's predicted x0 to [-1, 1]; default: for pixel-space models, whose x0 is
-        the image itself (a latent has no such range). progress: a bar advanced once a step
+        context_cond: [K, L, D], one context per object; context_uncond: [1, L, D];
+        cameras16: [V, 16], the same cameras for every object. generator: one
+        ``torch.Generator`` (K = 1) or a list of K, one per object: object k's noise comes
+        from its own generator only, so an object's views do not depend on the others
+        sampled beside it (batching only changes float rounding). clip_sample: clamp each
+        step's predicted x0 to [-1, 1]; default: for pixel-space models, whose x0 is the
+        image itself (a latent has no such range). progress: a bar advanced once a step
         (engine.progress).
     Returns:
-        images [V, 3, S, S] in [0, 1].
+        images [K * V, 3, S, S] in [0, 1], object by object.
     """
     if clip_sample is None:
         clip_sample = model.info.space == "pixel"
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    objects = context_cond.shape[0]
+    if len(generators) != objects:
+        raise ValueError(f"{objects} contexts but {len(generators)} generators")
     sched = ddim_scheduler(model, bool(clip_sample))
     sched.set_timesteps(steps)
     device = cameras16.device
     size, channels = model.unet.config.sample_size, model.unet.config.in_channels
-    x = torch.randn(num_views, channels, size, size, generator=generator).to(device)
-    context = torch.cat([context_uncond.expand(num_views, -1, -1),
-                         context_cond.expand(num_views, -1, -1)])
-    cams = torch.cat([cameras16, cameras16])
+    shape = (num_views, channels, size, size)
+    x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
+    n = objects * num_views
+    context = torch.cat([context_uncond.expand(n, -1, -1),
+                         context_cond.repeat_interleave(num_views, dim=0)])
+    cams = cameras16.repeat(2 * objects, 1)
     for t in sched.timesteps:
-        tt = torch.full((2 * num_views,), int(t), device=device, dtype=torch.long)
+        tt = torch.full((2 * n,), int(t), device=device, dtype=torch.long)
         # guidance is linear in the output, so it may mix v as well as epsilon
         out = model.predict_output(torch.cat([x, x]), tt, context.to(x), cams.to(x), num_views)
         out_u, out_c = out.chunk(2)
         out = out_u + scale * (out_c - out_u)
-        x = sched.step(out, t, x, eta=eta, generator=generator).prev_sample
+        # DDIM's own noise (eta > 0) drawn per object, as each object alone would draw it
+        noise = None if eta == 0 else torch.cat(
+            [torch.randn(shape, generator=g, dtype=out.dtype) for g in generators]).to(device)
+        x = sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
         if progress is not None:
             progress.update(1)
     return model.decode(x).clamp(0, 1)
@@ -169,11 +182,40 @@ def draw_best_group(prior, cond: Tensor, uncond: Tensor, cam16: Tensor, candidat
     return rgbs[chosen], masks[chosen], chosen, errors
 
 
+WHO = "python -m guidance.multiview.sample"
+
+
+def group_cameras(prior, args) -> Tensor:
+    """[V, 16] camera vectors of the command's group of views (``args``: parse_args)."""
+    from engine.cameras import Cameras
+
+    az = args.azimuth + torch.arange(args.views, dtype=torch.float32) * 360.0 / args.views
+    cams = Cameras.from_spherical(args.elevation, az, 1.0, 40.0, views_per_object=args.views)
+    # sampling always uses the correct cameras; the release's double conversion was an SDS bug
+    return prior.camera_vectors(cams, "mvdream")
+
+
+def sample_inputs(prior, images: list, prompts: list, seeds: List[int], args) -> Tensor:
+    """The views the command draws (without ``candidates``) for each of K inputs at once:
+    ``images`` (ReferenceImage or None) and ``prompts`` (str or None), K of each, sampled
+    with ``seeds``, the other settings from ``args`` (:func:`parse_args`); one model load
+    for many pictures. Returns [K, V, 3, S, S] in [0, 1], each object exactly as the command
+    alone would draw it (up to float rounding)."""
+    from engine.progress import bar
+
+    pairs = [prior.contexts(im, pr, who=WHO) for im, pr in zip(images, prompts)]
+    cond = torch.cat([c for c, _ in pairs])
+    gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    with bar(args.steps, "sampling views", unit="step") as progress:
+        views = prior.sample(cond, pairs[0][1], group_cameras(prior, args), args.steps,
+                             args.scale, args.eta, gens, progress=progress)
+    return views.reshape(len(seeds), args.views, *views.shape[1:])
+
+
 def run(argv: List[str]) -> int:
     import numpy as np
     from PIL import Image
 
-    from engine.cameras import Cameras
     from engine.cli import Command
     from engine.images import load_reference_image
     from engine.outputs import to_uint8
@@ -188,25 +230,16 @@ def run(argv: List[str]) -> int:
     prior = MultiViewPrior.load(args.model, device=device, dtype=None)   # as saved
     image = (load_reference_image(args.image, args.image_size, args.object_fraction)
              if args.image else None)
-    cond, uncond = prior.contexts(image, args.prompt, who="python -m guidance.multiview.sample")
-    az = args.azimuth + torch.arange(args.views, dtype=torch.float32) * 360.0 / args.views
-    cams = Cameras.from_spherical(args.elevation, az, 1.0, 40.0, views_per_object=args.views)
-    # sampling always uses the correct cameras; the release's double conversion was an SDS bug
-    cam16 = prior.camera_vectors(cams, "mvdream")
     if args.candidates > 1:
-        rgb, _, chosen, errors = draw_best_group(prior, cond, uncond, cam16, args.candidates,
-                                                 args.seed, args.steps, args.scale, 0, image,
-                                                 eta=args.eta)
+        cond, uncond = prior.contexts(image, args.prompt, who=WHO)
+        rgb, _, chosen, errors = draw_best_group(prior, cond, uncond, group_cameras(prior, args),
+                                                 args.candidates, args.seed, args.steps,
+                                                 args.scale, 0, image, eta=args.eta)
         print(f"kept seed {args.seed + chosen} of {args.seed}..{args.seed + args.candidates - 1}"
               f" (match error {float(errors[chosen]):.4f})")
         views = rgb.permute(0, 3, 1, 2)
     else:
-        from engine.progress import bar
-
-        gen = torch.Generator().manual_seed(args.seed)
-        with bar(args.steps, "sampling views", unit="step") as progress:
-            views = prior.sample(cond, uncond, cam16, args.steps, args.scale, args.eta, gen,
-                                 progress=progress)
+        views = sample_inputs(prior, [image], [args.prompt], [args.seed], args)[0]
     tiles = [to_uint8(v.permute(1, 2, 0)) for v in views]
     if image is not None:
         ref = torch.nn.functional.interpolate(image.rgb.permute(2, 0, 1)[None],
