@@ -57,6 +57,29 @@ def test_dmtet_meets_the_contract_and_is_created_from_a_nerf():
     check_representation(rep_cls("dmtet"), TINY_DMTET, size=16, create_from=nerf)
 
 
+TINY_TRIPLANE = {"resolution": 8, "channels": 4, "decoder_hidden": 8, "samples_per_ray": 8,
+                 "occupancy": {"resolution": 8, "update_every": 1}, "composite_backend": "torch",
+                 "distill": {"steps": 5, "points": 256}}
+
+
+def test_triplane_meets_the_contract_and_is_created_from_a_nerf():
+    from engine.config import validate
+
+    nerf_cls = rep_cls("nerf")
+    torch.manual_seed(0)
+    nerf = nerf_cls(validate(nerf_cls.Config, TINY_NERF))
+    check_representation(rep_cls("triplane"), TINY_TRIPLANE, size=12, create_from=nerf)
+
+
+def test_dmtet_is_created_from_a_triplane():
+    from engine.config import validate
+
+    tri_cls = rep_cls("triplane")
+    torch.manual_seed(0)
+    tri = tri_cls(validate(tri_cls.Config, TINY_TRIPLANE))
+    check_representation(rep_cls("dmtet"), TINY_DMTET, size=16, create_from=tri)
+
+
 def test_create_from_an_incompatible_stage_is_reported():
     voxels = rep_cls("voxel-grid")(rep_cls("voxel-grid").Config(resolution=4))
     with pytest.raises(AssertionError, match=r"create_from\(voxel-grid\) failed: ConfigError"):
