@@ -54,6 +54,13 @@ def run_cli(run: Callable[[List[str]], int], argv: List[str]) -> int:
     except RunAborted as exc:
         print(f"aborted: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # the reader went away (``... --dry-run | head``): stop quietly, as Unix tools do;
+        # stdout goes to devnull so the interpreter's final flush cannot fail again
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:   # running out of memory is the user's to fix, not a bug
         if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):
             raise

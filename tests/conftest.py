@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (README's test command runs ``-n auto``), split the cores among the
+    workers: torch in each worker, and every process a test starts (through the inherited
+    OMP_NUM_THREADS), gets cores / workers threads, so two workers on two cores do not fight
+    over four threads (torch's small ops slow down many times when threads are descheduled)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    per_worker = str(max(1, (os.cpu_count() or 1) // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = per_worker
+    import torch
+
+    torch.set_num_threads(int(per_worker))
 
 
 @pytest.fixture

@@ -259,3 +259,15 @@ class NoMesh(torch.nn.Module):
 
 
 registry.REGISTRY.add("representation", "test-no-mesh", NoMesh)
+
+
+def test_a_reader_that_goes_away_is_no_traceback():
+    """``python -m engine.run ... --dry-run | head -1``: the closed pipe ends the command
+    quietly (exit 141, as a Unix tool killed by SIGPIPE), without a BrokenPipeError trace."""
+    proc = subprocess.Popen([sys.executable, "-m", "engine.run", "recipe=isotropic3d-toy",
+                             "image=examples/toy/red-mug.png", "--dry-run"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()           # the reader leaves before the config is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141), err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
