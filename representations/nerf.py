@@ -43,33 +43,11 @@ from representations.lib import volume
 from representations.lib.encodings import HashGridConfig, HashGridEncoding
 from representations.lib.fields import MLP, ColorField
 from representations.lib.isosurface import isosurface, sample_grid
-from representations.lib.occupancy import OccupancyGrid
+from representations.lib.occupancy import OccupancyConfig, OccupancyGrid
 from representations.lib.shading import (ShadingConfig, choose_shading, random_light_positions,
                                      shade)
 
 NORMAL_MODES = ("analytic", "finite_difference")
-
-
-@dataclass
-class OccupancyConfig:
-    enabled: bool = True
-    resolution: int = 64
-    update_every: int = 16            # steps between grid refreshes
-    threshold: float = 0.01           # opacity of one render step below which a cell is empty
-    decay: float = 0.95               # running estimate: max(decay * old, new)
-    dilate: int = 1                   # grow the occupied cells by this many cells
-
-    def __post_init__(self):
-        if self.resolution < 2:
-            raise ConfigError(f"resolution: must be >= 2, got {self.resolution}")
-        if self.update_every < 1:
-            raise ConfigError(f"update_every: must be >= 1, got {self.update_every}")
-        if not 0.0 <= self.threshold < 1.0:
-            raise ConfigError(f"threshold: must be in [0, 1), got {self.threshold}")
-        if not 0.0 <= self.decay <= 1.0:
-            raise ConfigError(f"decay: must be in [0, 1], got {self.decay}")
-        if self.dilate < 0:
-            raise ConfigError(f"dilate: must be >= 0, got {self.dilate}")
 
 
 @dataclass

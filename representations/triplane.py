@@ -45,36 +45,13 @@ from engine.plugin import Background, Representation, StepInfo
 from engine.registry import register
 from representations.lib import volume
 from representations.lib.isosurface import isosurface, sample_grid
-from representations.lib.occupancy import OccupancyGrid, jittered_cell_points
+from representations.lib.occupancy import OccupancyConfig, OccupancyGrid, jittered_cell_points
 from representations.lib.shading import (ShadingConfig, choose_shading, random_light_positions,
                                          shade)
 from representations.lib.triplane_field import (COMBINES, Decoder, TriplaneColorField, combine,
                                                 feature_dim, sample_planes, total_variation)
 
 NORMAL_MODES = ("autograd", "finite_difference")
-
-
-@dataclass
-class TriplaneOccupancy:
-    """Empty-space skipping, the same settings (and grid) as the NeRF's ``occupancy``."""
-    enabled: bool = True
-    resolution: int = 64
-    update_every: int = 16            # steps between grid refreshes
-    threshold: float = 0.01           # opacity of one render step below which a cell is empty
-    decay: float = 0.95               # running estimate: max(decay * old, new)
-    dilate: int = 1                   # grow the occupied cells by this many cells
-
-    def __post_init__(self):
-        if self.resolution < 2:
-            raise ConfigError(f"occupancy.resolution: must be >= 2, got {self.resolution}")
-        if self.update_every < 1:
-            raise ConfigError(f"occupancy.update_every: must be >= 1, got {self.update_every}")
-        if not 0.0 <= self.threshold < 1.0:
-            raise ConfigError(f"occupancy.threshold: must be in [0, 1), got {self.threshold}")
-        if not 0.0 <= self.decay <= 1.0:
-            raise ConfigError(f"occupancy.decay: must be in [0, 1], got {self.decay}")
-        if self.dilate < 0:
-            raise ConfigError(f"occupancy.dilate: must be >= 0, got {self.dilate}")
 
 
 @dataclass
@@ -112,7 +89,7 @@ class TriplaneConfig:
     blob_density: float = 10.0
     blob_radius: float = 0.5
     samples_per_ray: int = 64
-    occupancy: TriplaneOccupancy = field(default_factory=TriplaneOccupancy)
+    occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)
     shading: ShadingConfig = field(default_factory=ShadingConfig)
     normal_mode: str = "autograd"     # autograd | finite_difference
     finite_difference_eps: float = 0.01
@@ -124,7 +101,7 @@ class TriplaneConfig:
 
     def __post_init__(self):
         if isinstance(self.occupancy, dict):
-            self.occupancy = TriplaneOccupancy(**self.occupancy)
+            self.occupancy = OccupancyConfig(**self.occupancy)
         if isinstance(self.distill, dict):
             self.distill = DistillConfig(**self.distill)
         if not self.radius > 0:

@@ -14,7 +14,7 @@ from representations.backgrounds import SolidBackground
 from representations.lib.encodings import HashGridConfig
 from representations.lib.triplane_field import sample_planes, total_variation
 from representations.nerf import NeRF, NeRFConfig, OccupancyConfig
-from representations.triplane import DistillConfig, Triplane, TriplaneConfig, TriplaneOccupancy
+from representations.triplane import DistillConfig, Triplane, TriplaneConfig
 
 TINY = {"resolution": 8, "channels": 4, "decoder_hidden": 8, "samples_per_ray": 8,
         "occupancy": {"resolution": 8, "update_every": 1}, "composite_backend": "torch"}
@@ -82,7 +82,7 @@ def box_field(occupancy=True) -> Triplane:
     inside the box's projection; the decoder fires only when all three read 1 (sum > 2.5)."""
     cfg = TriplaneConfig(resolution=21, channels=1, decoder_hidden=1, blob_density=0.0,
                          samples_per_ray=96, composite_backend="torch",
-                         occupancy=TriplaneOccupancy(enabled=occupancy, resolution=16))
+                         occupancy=OccupancyConfig(enabled=occupancy, resolution=16))
     rep = Triplane(cfg)
     with torch.no_grad():
         rep.planes.zero_()
@@ -142,7 +142,7 @@ def test_short_fit_to_a_sphere_reduces_the_loss():
     rep = Triplane(TriplaneConfig(resolution=16, channels=4, decoder_hidden=16, blob_radius=0.3,
                                   samples_per_ray=24, orientation_normals=False,
                                   composite_backend="torch",
-                                  occupancy=TriplaneOccupancy(enabled=False))).train()
+                                  occupancy=OccupancyConfig(enabled=False))).train()
     cameras = cams(2)
     target = _sphere_target(cameras, 12, 12)
     groups = rep.param_groups()
@@ -186,7 +186,7 @@ def _distilled(steps):
     nerf = small_nerf()
     cfg = TriplaneConfig(resolution=16, channels=8, decoder_hidden=32, samples_per_ray=32,
                          blob_density=0.0, composite_backend="torch",
-                         occupancy=TriplaneOccupancy(resolution=16),
+                         occupancy=OccupancyConfig(resolution=16),
                          distill=DistillConfig(steps=steps, points=2048))
     torch.manual_seed(0)
     return nerf, Triplane.create_from(nerf, cfg)

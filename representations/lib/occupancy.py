@@ -14,10 +14,38 @@ grid that was not yet filled.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+
+from engine.errors import ConfigError
+
+
+@dataclass
+class OccupancyConfig:
+    """Settings of :class:`OccupancyGrid` as a representation's ``occupancy:`` block (the NeRF's
+    and the triplane's)."""
+    enabled: bool = True
+    resolution: int = 64
+    update_every: int = 16            # steps between grid refreshes
+    threshold: float = 0.01           # opacity of one render step below which a cell is empty
+    decay: float = 0.95               # running estimate: max(decay * old, new)
+    dilate: int = 1                   # grow the occupied cells by this many cells
+
+    def __post_init__(self):
+        if self.resolution < 2:
+            raise ConfigError(f"resolution: must be >= 2, got {self.resolution}")
+        if self.update_every < 1:
+            raise ConfigError(f"update_every: must be >= 1, got {self.update_every}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ConfigError(f"threshold: must be in [0, 1), got {self.threshold}")
+        if not 0.0 <= self.decay <= 1.0:
+            raise ConfigError(f"decay: must be in [0, 1], got {self.decay}")
+        if self.dilate < 0:
+            raise ConfigError(f"dilate: must be >= 0, got {self.dilate}")
+
 
 
 def cell_index(points: Tensor, resolution: int, radius: float) -> Tensor:
