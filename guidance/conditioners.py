@@ -27,7 +27,8 @@ from torch import Tensor
 
 from engine.errors import ConfigError, UserError
 from engine.registry import register
-from guidance.multiview.openclip import (DEFAULT_KEY, IMAGE_TOKENS, TOKENS_KEY, clip_preprocess,
+from guidance.multiview.openclip import (DEFAULT_KEY, IMAGE_TOKENS, TOKENS_KEY, clip_image_size,
+                                         clip_preprocess,
                                          load_openclip_folder, resolve_openclip,
                                          save_openclip_folder, saved_image_tokens,
                                          strip_towers, text_penultimate)
@@ -146,8 +147,7 @@ class OpenCLIPImageConditioner(_OpenCLIPConditioner):
 
     @property
     def image_size(self) -> int:
-        size = self.clip.visual.image_size
-        return int(size[0] if isinstance(size, (tuple, list)) else size)
+        return clip_image_size(self.clip)
 
     @property
     def num_tokens(self) -> int:

@@ -10,6 +10,11 @@ antialias) -> shading. Gradients reach the SDF and the deformation through the p
 the extracted vertices (interpolation, silhouette antialiasing, normals) and the colour field
 through the albedo. The regularisers (normal consistency, uniform Laplacian) act on the mesh
 of the last render.
+
+``init_shape: point_cloud`` starts the SDF from a coloured cloud (the ``point_cloud:`` block,
+:mod:`representations.lib.point_init`): the signed distance of the solid the cloud bounds, in
+world units as the sphere's, at every grid vertex, and the colour field fitted to the cloud's
+colours.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ from representations.lib import rasterizer
 from representations.lib.encodings import HashGridConfig
 from representations.lib.level_match import silhouette_level
 from representations.lib.mesh_render import render_mesh
+from representations.lib.point_init import (PointCloudInit, cloud_sdf_grid, lookup_grid,
+                                            preflight, start_field_from_cloud)
 from representations.lib.fields import ColorField
 from representations.lib.shading import (ShadingConfig, choose_shading, random_light_positions,
                                      shade)
 from representations.lib.tets import cut_cell_tets, tet_grid
 
-INIT_SHAPES = ("sphere", "none")
+INIT_SHAPES = ("sphere", "none", "point_cloud")
 INIT_LEVELS = ("fixed", "silhouette")
 
 
@@ -107,8 +114,10 @@ class DMTet(Representation):
         bound: float = 1.0               # the grid spans [-bound, bound]^3
         # deformation <= deform_scale * cell size per axis (tanh-bounded; 1 = one cell)
         deform_scale: float = 1.0
-        init_shape: str = "sphere"       # sphere | none (empty; for create_from / loading)
+        # sphere | none (empty; for create_from / loading) | point_cloud (point_cloud:)
+        init_shape: str = "sphere"
         init_radius: float = 0.5
+        point_cloud: Optional[PointCloudInit] = None
         # create_from: sdf = level - density(grid vertex), inside where dense. The level:
         #   fixed: init_threshold; None: the previous stage's isosurface_threshold, else 10
         #   silhouette: the level whose silhouettes from 16 ring cameras best match where the
@@ -135,6 +144,11 @@ class DMTet(Representation):
             if self.init_shape not in INIT_SHAPES:
                 raise ConfigError(f"init_shape: '{self.init_shape}' is not one of "
                                   f"{', '.join(INIT_SHAPES)}")
+            if self.init_shape == "point_cloud" and self.point_cloud is None:
+                raise ConfigError("point_cloud.source: init_shape: point_cloud needs a cloud: "
+                                  "a .ply / .npy file or model:FOLDER")
+            if isinstance(self.point_cloud, dict):
+                self.point_cloud = PointCloudInit(**self.point_cloud)
             if not 0 < self.init_radius < self.bound:
                 raise ConfigError(f"init_radius: must be in (0, bound={self.bound}), got "
                                   f"{self.init_radius}")
@@ -153,7 +167,7 @@ class DMTet(Representation):
                 raise ConfigError(f"raster_backend: '{self.raster_backend}' is not one of "
                                   f"{', '.join(rasterizer.BACKENDS)}")
 
-    def __init__(self, cfg: "DMTet.Config" = None, device=None):
+    def __init__(self, cfg: "DMTet.Config" = None, device=None, inputs=None):
         super().__init__()
         cfg = cfg or DMTet.Config()
         self.cfg = cfg
@@ -175,6 +189,24 @@ class DMTet(Representation):
         self.color_field = ColorField(cfg.color, hidden=cfg.color_hidden,
                                       n_hidden_layers=cfg.color_layers, bound=cfg.bound).to(device)
         self._mesh: Optional[Tuple[Tensor, Tensor]] = None
+        if cfg.init_shape == "point_cloud":
+            self._start_from_cloud(cfg.point_cloud, device, inputs)
+
+    def _start_from_cloud(self, init: PointCloudInit, device, inputs=None) -> None:
+        """SDF = the cloud's signed distance at the grid vertices; colours fitted."""
+        cloud = start_field_from_cloud(init, self.color_field, device, inputs)
+        grid = cloud_sdf_grid(cloud, self.cfg.bound, init.resolution, init.close)
+        with torch.no_grad():
+            sdf = lookup_grid(grid[..., None].to(self.grid_vertices), self.grid_vertices,
+                              self.cfg.bound)[:, 0]
+            self.sdf.copy_(sdf)
+
+    @classmethod
+    def preflight(cls, cfg, key: str) -> None:
+        """Before the run writes anything: the ``point_cloud`` start's file is a cloud, or
+        its point model is there and the run has a picture (one line otherwise)."""
+        if cfg.init_shape == "point_cloud":
+            preflight(cfg.point_cloud, key)
 
     # -- geometry ------------------------------------------------------------------------
     def deformed_vertices(self) -> Tensor:

@@ -13,7 +13,11 @@ each optimiser step, and :meth:`prepare_state` before loading a checkpoint, whic
 the parameters to the checkpoint's counts so a run resumes after densification.
 
 Initialisation (``init``): ``sphere`` (``count`` points uniform in a ball of ``init_radius``),
-``points`` (a ``.ply`` / ``.npy`` point cloud, ``points: PATH``), or through
+``points`` (a ``.ply`` / ``.npy`` point cloud, ``points: PATH``: one Gaussian per point),
+``point_cloud`` (GaussianDreamer's point growing from a cloud file or a point model's sample
+of the picture, the ``point_cloud:`` block of :mod:`representations.lib.point_init`: the
+cloud's points and new ones within ``shell`` of them up to ``count`` Gaussians, colours
+kept and perturbed, each Gaussian as large as its cloud point's spacing), or through
 :meth:`create_from` an earlier stage with a density field (a NeRF: its density sampled).
 
 Export: :meth:`surface` is marching cubes of the Gaussians' opacity field at the level whose
@@ -45,17 +49,21 @@ from representations.lib.gaussian_raster import (BACKENDS, covariance_3d,
 from representations.lib.isosurface import isosurface
 from representations.lib.level_match import (best_silhouette_level, ray_opacity_and_peak,
                                              ring_cameras)
+from representations.lib.point_init import (PointCloudInit, grow_shell, load_init_cloud,
+                                            preflight)
 
-INITS = ("sphere", "points")
+INITS = ("sphere", "points", "point_cloud")
 SH_C1 = 0.4886025119029199           # degree-1 spherical harmonics: C1 * (-y, z, -x)
 
 
 @dataclass
 class GaussiansConfig:
-    init: str = "sphere"             # sphere | points (create_from ignores it)
+    init: str = "sphere"             # sphere | points | point_cloud (create_from ignores it)
     count: int = 5000                # Gaussians at the start (sphere, create_from)
     init_radius: float = 0.5         # the ball the sphere init fills
     points: Optional[str] = None     # .ply / .npy point cloud for init: points
+    # init: point_cloud: the cloud (file or model:FOLDER), grown to count Gaussians
+    point_cloud: Optional[PointCloudInit] = None
     init_opacity: float = 0.1        # DreamGaussian's
     init_scale: float = 0.0          # world units; 0: from the spacing to 3 nearest points
     sh_degree: int = 0               # 0: RGB; 1: view-dependent colour
@@ -78,6 +86,11 @@ class GaussiansConfig:
             raise ConfigError(f"init: '{self.init}' is not one of {', '.join(INITS)}")
         if self.init == "points" and not self.points:
             raise ConfigError("points: init: points needs points: PATH (a .ply or .npy file)")
+        if self.init == "point_cloud" and self.point_cloud is None:
+            raise ConfigError("point_cloud.source: init: point_cloud needs a cloud: a .ply / "
+                              ".npy file or model:FOLDER (e.g. model:models/toy/pointe)")
+        if isinstance(self.point_cloud, dict):
+            self.point_cloud = PointCloudInit(**self.point_cloud)
         if self.count < 1:
             raise ConfigError(f"count: must be >= 1, got {self.count}")
         if self.init_radius <= 0 or self.radius <= 0:
@@ -108,13 +121,16 @@ class Gaussians(Representation):
     loss_names = ("opacity_sparsity",)
 
     def __init__(self, cfg: GaussiansConfig = None, device=None, *, points: Tensor = None,
-                 colors: Tensor = None):
+                 colors: Tensor = None, inputs=None):
         super().__init__()
         self.cfg = cfg = cfg or GaussiansConfig()
         self.radius = cfg.radius
+        spacing = None
         if points is None:
             if cfg.init == "points":
                 points, colors = fields.load_points(cfg.points)
+            elif cfg.init == "point_cloud":
+                points, colors, spacing = self._grow_from_cloud(cfg.point_cloud, device, inputs)
             else:
                 points = fields.random_in_ball(cfg.count, cfg.init_radius)
         points = points.float()
@@ -122,7 +138,7 @@ class Gaussians(Representation):
         if colors is None:
             colors = 0.5 + 0.05 * torch.randn(n, 3)      # grey with a little noise
         scale = (torch.full((n,), cfg.init_scale) if cfg.init_scale > 0
-                 else fields.neighbour_spacing(points))
+                 else spacing if spacing is not None else fields.neighbour_spacing(points))
         quats = torch.zeros(n, 4)
         quats[:, 0] = 1.0
         self.xyz = nn.Parameter(points.to(device))
@@ -143,6 +159,28 @@ class Gaussians(Representation):
         self._grid_cache: Optional[tuple] = None
         self._color_cache: Optional[tuple] = None
         self.last_densify: Optional[dict] = None   # counts of the last densification
+
+    @classmethod
+    def preflight(cls, cfg, key: str) -> None:
+        """Before the run writes anything: the ``point_cloud`` start's file is a cloud, or
+        its point model is there and the run has a picture (one line otherwise)."""
+        if cfg.init == "point_cloud":
+            preflight(cfg.point_cloud, key)
+
+    def _grow_from_cloud(self, init: PointCloudInit, device, inputs=None):
+        """(points, colours, sizes) grown from the cloud (GaussianDreamer), ``count`` in
+        all; each Gaussian as large as its cloud point's neighbour spacing."""
+        import dataclasses
+
+        if init.from_model and not init.image and getattr(inputs, "image", None) is not None:
+            init = dataclasses.replace(init, image=inputs.image.path)
+        cloud = load_init_cloud(init, device).cpu()
+        g = torch.Generator().manual_seed(int(init.seed))
+        points, colors, source = grow_shell(cloud, self.cfg.count, init.shell,
+                                            init.color_noise, generator=g)
+        spacing = fields.neighbour_spacing(cloud[:, :3]) if cloud.shape[0] > 1 else \
+            torch.full((1,), 0.02)
+        return points, colors, spacing[source]
 
     # -- the parameters ---------------------------------------------------------------
     @property

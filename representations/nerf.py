@@ -23,6 +23,12 @@ in chunks checkpointed with ``torch.utils.checkpoint`` (each chunk's samples, fi
 compositing are recomputed in its backward, so only per-ray outputs stay alive), and the
 occupancy grid is filled by ``before_step`` at step 0 from the blob, so empty space is
 skipped from the first step (benchmarks/bench_nerf_memory.py measures all three).
+
+``init: point_cloud`` starts the density from a coloured cloud instead of the blob
+(:mod:`representations.lib.point_init`): the cloud's signed distance ``s`` (a filled
+occupancy of its points) gives the bias ``point_cloud.density * tanh(-s / band)`` (dense
+inside, empty outside, a smooth edge; its gradient feeds the analytic normals), kept as the
+buffer ``cloud_sdf`` (in checkpoints), and the colour field is fitted to the cloud's colours.
 """
 
 from __future__ import annotations
@@ -44,15 +50,22 @@ from representations.lib.encodings import HashGridConfig, HashGridEncoding
 from representations.lib.fields import MLP, ColorField
 from representations.lib.isosurface import isosurface, sample_grid
 from representations.lib.occupancy import OccupancyConfig, OccupancyGrid
+from representations.lib.point_init import (PointCloudInit, cloud_sdf_grid, lookup_grid,
+                                            preflight, sdf_with_gradient,
+                                            start_field_from_cloud)
 from representations.lib.shading import (ShadingConfig, choose_shading, random_light_positions,
                                      shade)
 
 NORMAL_MODES = ("analytic", "finite_difference")
+INITS = ("blob", "point_cloud")
 
 
 @dataclass
 class NeRFConfig:
     radius: float = 1.0                       # bounding sphere (and the grid's cube)
+    # the density's start: blob (blob_density, blob_radius) | point_cloud (point_cloud:)
+    init: str = "blob"
+    point_cloud: Optional[PointCloudInit] = None
     # hash_grid.backend (auto|torch|tcnn) and hash_grid.compile choose the encoding path
     hash_grid: HashGridConfig = field(default_factory=HashGridConfig)
     mlp_hidden: int = 64
@@ -78,6 +91,13 @@ class NeRFConfig:
     def __post_init__(self):
         if self.radius <= 0:
             raise ConfigError(f"radius: must be > 0, got {self.radius}")
+        if self.init not in INITS:
+            raise ConfigError(f"init: '{self.init}' is not one of {', '.join(INITS)}")
+        if self.init == "point_cloud" and self.point_cloud is None:
+            raise ConfigError("point_cloud.source: init: point_cloud needs a cloud: a .ply / "
+                              ".npy file or model:FOLDER (e.g. model:models/toy/pointe)")
+        if isinstance(self.point_cloud, dict):
+            self.point_cloud = PointCloudInit(**self.point_cloud)
         if self.mlp_hidden < 1 or self.mlp_hidden_layers < 1:
             raise ConfigError(f"mlp_hidden/mlp_hidden_layers: must be >= 1, got "
                               f"{self.mlp_hidden}, {self.mlp_hidden_layers}")
@@ -118,7 +138,7 @@ class NeRF(Representation):
 
     Config = NeRFConfig
 
-    def __init__(self, cfg: NeRFConfig = None, device=None):
+    def __init__(self, cfg: NeRFConfig = None, device=None, inputs=None):
         super().__init__()
         self.cfg = cfg = cfg or NeRFConfig()
         self.color_field = ColorField(cfg.hash_grid, cfg.mlp_hidden, cfg.mlp_hidden_layers,
@@ -128,8 +148,28 @@ class NeRF(Representation):
         oc = cfg.occupancy
         self.occupancy = OccupancyGrid(oc.resolution, cfg.radius, oc.threshold, oc.decay,
                                        oc.dilate)
+        # init point_cloud: the cloud's SDF and its gradient [R, R, R, 4] (None: the blob)
+        self.register_buffer("cloud_sdf", None)
+        self.cloud_shape: Optional[Tuple[float, float]] = None   # (density, band)
         if device is not None:
             self.to(device)
+        if cfg.init == "point_cloud":
+            self._start_from_cloud(cfg.point_cloud, device, inputs)
+
+    def _start_from_cloud(self, init: PointCloudInit, device, inputs=None) -> None:
+        """The density bias from the cloud's SDF, the colour field fitted to its colours."""
+        cloud = start_field_from_cloud(init, self.color_field, device, inputs)
+        sdf = cloud_sdf_grid(cloud, self.cfg.radius, init.resolution, init.close)
+        self.register_buffer("cloud_sdf", sdf_with_gradient(sdf, self.cfg.radius).to(
+            self.encoding.table.device))
+        self.cloud_shape = (init.density, init.band)
+
+    @classmethod
+    def preflight(cls, cfg, key: str) -> None:
+        """Before the run writes anything: the ``point_cloud`` start's file is a cloud, or
+        its point model is there and the run has a picture (one line otherwise)."""
+        if cfg.init == "point_cloud":
+            preflight(cfg.point_cloud, key)
 
     @classmethod
     def create_from(cls, previous: Representation, cfg: NeRFConfig = None,
@@ -140,7 +180,13 @@ class NeRF(Representation):
         stage refines what an earlier stage fitted with other guidance."""
         if not isinstance(previous, NeRF):
             return super().create_from(previous, cfg, device)
-        rep = cls(cfg, device=device)
+        import dataclasses
+
+        # the continued NeRF keeps the previous one's density start (its blob or its cloud)
+        rep = cls(dataclasses.replace(cfg or NeRFConfig(), init="blob"), device=device)
+        if previous.cloud_sdf is not None:
+            rep.register_buffer("cloud_sdf", previous.cloud_sdf.detach().clone())
+            rep.cloud_shape = previous.cloud_shape
         try:
             rep.load_state_dict(previous.state_dict())
         except RuntimeError as exc:
@@ -157,8 +203,26 @@ class NeRF(Representation):
 
     # -- fields ---------------------------------------------------------------------------
     def blob(self, points: Tensor) -> Tensor:
-        """Density bias [N] = blob_density * (1 - |x| / blob_radius)."""
+        """Density bias [N] = blob_density * (1 - |x| / blob_radius); with init point_cloud
+        ``density * tanh(-sdf(x) / band)`` of the cloud's SDF instead."""
+        if self.cloud_sdf is not None:
+            return self._cloud_bias(points)[0]
         return self.cfg.blob_density * (1.0 - points.norm(dim=-1) / self.cfg.blob_radius)
+
+    def _cloud_bias(self, points: Tensor) -> Tuple[Tensor, Tensor]:
+        """The cloud's density bias [N] and its spatial gradient [N, 3]."""
+        density, band = self.cloud_shape
+        looked = lookup_grid(self.cloud_sdf, points, self.cfg.radius).to(points.dtype)
+        t = torch.tanh(-looked[:, 0] / band)
+        grad = (-density / band) * (1.0 - t * t)[:, None] * looked[:, 1:4]
+        return density * t, grad
+
+    def _blob_and_gradient(self, points: Tensor) -> Tuple[Tensor, Tensor]:
+        """The density bias [N] and its spatial gradient [N, 3] (one grid lookup)."""
+        if self.cloud_sdf is not None:
+            return self._cloud_bias(points)
+        norm = points.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return self.blob(points), (-self.cfg.blob_density / self.cfg.blob_radius) * points / norm
 
     def _pre_density(self, points: Tensor, enc: Optional[Tensor] = None) -> Tensor:
         if enc is None:
@@ -182,10 +246,9 @@ class NeRF(Representation):
         if need_normals and self.cfg.normal_mode == "analytic":
             enc, jac = self.encoding.forward_with_jacobian(points)
             raw, g_enc = self.density_mlp.forward_with_input_grad(enc)
-            norm = points.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            g_blob = (-self.cfg.blob_density / self.cfg.blob_radius) * points / norm
+            bias, g_blob = self._blob_and_gradient(points)
             grad = (g_enc[..., None] * jac).sum(dim=1) + g_blob
-            pre = raw + self.blob(points)
+            pre = raw + bias
             normal = -_normalize(grad)
         else:
             enc = self.encoding(points)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from guidance.training.toy_models import main
@@ -23,7 +24,7 @@ def test_chain_produces_loadable_models(chain):
     from guidance.multiview.model import MultiViewDiffusionModel
 
     models = chain / "models"
-    for name in ("clip", "text", "stage1", "stage2"):
+    for name in ("clip", "text", "stage1", "stage2", "pointe"):
         assert (models / name).is_dir(), name
     stage2 = MultiViewDiffusionModel.from_pretrained(models / "stage2")
     assert stage2.info.conditioning == "image" and stage2.info.space == "pixel"
@@ -42,8 +43,42 @@ def test_chain_produces_loadable_models(chain):
 
     runs = models / "runs"
     assert read_yaml(runs / "clip" / "config.yaml")["batch_size"] != 2
-    for name in ("text", "stage1", "stage2"):
+    for name in ("text", "stage1", "stage2", "pointe"):
         assert read_yaml(runs / name / "config.yaml")["batch_size"] == 2, name
+    # the point model reads the chain's CLIP image tower (its own copy in conditioner/)
+    from guidance.pointcloud.picture import PointCloudModel
+
+    pointe = PointCloudModel.load(models / "pointe")
+    assert pointe.base.config.kind == "image-grid"
+    torch.manual_seed(0)
+    pictures = torch.rand(2, 3, 32, 32)
+    grid = pointe.encoder.grid(pictures)                 # [N, width, tokens]
+    assert tuple(grid.shape[1:]) == (pointe.base.config.grid_dim, pointe.base.config.grid_tokens)
+    # the same tower as the chain's CLIP: its pooled embedding of the pictures is CLIP's
+    with torch.no_grad():
+        expected = clip(pictures)[:, 0].float()           # [N, L, D]: the pooled token first
+    expected = expected / expected.norm(dim=-1, keepdim=True)
+    assert torch.allclose(pointe.encoder.embedding(pictures), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_model_alone_keeps_the_others_records(chain, tmp_path):
+    """models=[pointe] re-makes the point model alone, from out/clip; the manifest keeps
+    the other models' records."""
+    import json
+    import shutil
+
+    out = tmp_path / "models"
+    out.mkdir()
+    for name in ("clip", "text", "stage1", "stage2", "pointe"):
+        shutil.copytree(chain / "models" / name, out / name)
+    shutil.copy(chain / "models" / "manifest.json", out / "manifest.json")
+    assert main([f"out={out}", f"data={chain / 'data'}", "count=6", "heldout=1",
+                 "steps_scale=0.001", "threads=1", "models=[pointe]"]) == 0
+    assert not (out / "runs" / "clip").exists()
+    record = json.loads((out / "manifest.json").read_text())
+    assert set(record["models"]) == {"clip", "text", "stage1", "stage2", "pointe"}
+    assert record["command"].endswith("models=[pointe]")
 
 
 @pytest.mark.slow
@@ -51,7 +86,7 @@ def test_rerun_skips_finished_trainings(chain, capsys):
     assert main([f"out={chain / 'models'}", f"data={chain / 'data'}", "count=6", "heldout=1",
                  "steps_scale=0.001", "width=2", "batch=2"]) == 0
     out = capsys.readouterr().out
-    assert out.count("already trained") == 4
+    assert out.count("already trained") == 5
 
 
 def test_bad_keys_are_user_errors(capsys):
@@ -61,6 +96,15 @@ def test_bad_keys_are_user_errors(capsys):
     assert "heldout_pool" in capsys.readouterr().err
     assert main(["width=0"]) == 2
     assert "width must be >= 1" in capsys.readouterr().err
+    assert main(["models=[pointy]"]) == 2
+    assert "pointe" in capsys.readouterr().err
+
+
+def test_a_model_without_what_it_needs_is_refused_before_anything_is_made(tmp_path, capsys):
+    assert main([f"out={tmp_path / 'models'}", f"data={tmp_path / 'data'}",
+                 "models=[pointe]"]) == 2
+    assert "pointe needs the clip model" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.slow
@@ -70,6 +114,6 @@ def test_manifest_records_command_and_trainings(chain):
     record = json.loads((chain / "models" / "manifest.json").read_text())
     assert record["command"] == ("python -m guidance.training.toy_models count=6 heldout=1 "
                                  "steps_scale=0.001 width=2 batch=2")
-    assert set(record["models"]) == {"clip", "text", "stage1", "stage2"}
+    assert set(record["models"]) == {"clip", "text", "stage1", "stage2", "pointe"}
     for name, info in record["models"].items():
         assert info["steps"] >= 2 and info["mib"] > 0 and np.isfinite(info["final_loss"]), name

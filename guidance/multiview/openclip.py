@@ -76,6 +76,12 @@ def clip_preprocess(rgb: Tensor, size: int) -> Tensor:
     return (x - mean) / std
 
 
+def clip_image_size(clip: nn.Module) -> int:
+    """The side of the square pictures an OpenCLIP image tower takes (an int or a pair)."""
+    size = clip.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def causal_mask(length: int, device=None, dtype=torch.float32) -> Tensor:
     """[L, L] additive mask: 0 on and below the diagonal, -inf above (OpenCLIP's)."""
     return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu_(1)

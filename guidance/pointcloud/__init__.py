@@ -1,5 +1,8 @@
 """Point-cloud diffusion (our implementation of OpenAI's Point-E models; library, nothing
 registered): the transformer family (:mod:`~guidance.pointcloud.transformer`), the released
 diffusion, training loss and Karras/Heun sampler (:mod:`~guidance.pointcloud.diffusion`),
-the converter of released checkpoints (:mod:`~guidance.pointcloud.convert`) and the folder
-format with its loader (:mod:`~guidance.pointcloud.pretrained`). See docs/pointe.md."""
+the converter of released checkpoints (:mod:`~guidance.pointcloud.convert`), the folder
+format with its loader (:mod:`~guidance.pointcloud.pretrained`), picture -> condition ->
+cloud (:mod:`~guidance.pointcloud.picture`), cloud previews
+(:mod:`~guidance.pointcloud.preview`) and the ``python -m guidance.pointcloud.sample``
+command (:mod:`~guidance.pointcloud.sample`). See docs/pointe.md."""

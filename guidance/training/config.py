@@ -16,10 +16,10 @@ from omegaconf import MISSING, OmegaConf
 
 from engine.errors import ConfigError, did_you_mean
 
-MODES = ("text", "image", "ema", "clip")
+MODES = ("text", "image", "ema", "clip", "points")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
-LOSS_WEIGHTINGS = ("uniform", "min-snr")
+LOSS_WEIGHTINGS = ("uniform", "min-snr", "x0")   # x0: mode points only
 
 
 @dataclass
@@ -71,6 +71,10 @@ class ModelConfig:
     noise_schedule: str = "scaled-linear"
     # clip, init random: the OpenCLIP model_cfg ({}: guidance.multiview.openclip's tiny one)
     clip: Dict[str, Any] = field(default_factory=dict)
+    # points, init random: the Point-E transformer's sizes (guidance.pointcloud.transformer
+    # PointModelConfig fields: width, layers, heads, points; kind image-vec and clip_dim come
+    # from the conditioner)
+    point: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.space not in ("pixel", "latent"):
@@ -87,12 +91,41 @@ class ModelConfig:
 
 
 @dataclass
+class PointsConfig:
+    """mode points: how (picture, cloud) pairs are made from a toy-world dataset
+    (guidance.training.points)."""
+
+    pool: int = 4096                     # surface samples per object (colours from the mesh)
+    cloud_points: int = 0                # points per training cloud (0: the model's points),
+                                         # drawn afresh from the pool at every step
+    views: str = "all"                   # all: every view is a picture | front: r0 only
+    image_size: int = 64                 # pictures loaded as the engine loads its input
+    object_fraction: float = 0.7         # ... re-centred, the object this much of the frame
+    world_scale: float = 1.6             # engine units per cloud unit (toy objects: 0.8/0.5)
+    sample_steps: int = 16               # sampler defaults saved with the model
+    guidance_scale: float = 3.0
+
+    def __post_init__(self):
+        if self.pool < 1 or self.cloud_points < 0:
+            raise ConfigError("points.pool must be >= 1 and points.cloud_points >= 0")
+        if self.views not in ("all", "front"):
+            raise ConfigError(f"points.views: '{self.views}' is not all or front")
+        if self.image_size < 16 or not 0 < self.object_fraction <= 1:
+            raise ConfigError("points.image_size must be >= 16 and points.object_fraction in "
+                              "(0, 1]")
+        if not self.world_scale > 0 or self.sample_steps < 1 or self.guidance_scale < 0:
+            raise ConfigError("points.world_scale must be > 0, points.sample_steps >= 1 and "
+                              "points.guidance_scale >= 0")
+
+
+@dataclass
 class FinetuneConfig:
     recipe: str = ""
     description: str = ""
     mode: str = MISSING                  # text | image | ema | clip
     data: DataConfig = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
+    points: PointsConfig = field(default_factory=PointsConfig)   # mode points only
     steps: int = 1000
     batch_size: int = 4                  # objects per step and process
     lr: float = 1e-4
@@ -177,6 +210,9 @@ class FinetuneConfig:
         if not self.foreground_weight >= 0:
             raise ConfigError(f"foreground_weight: must be >= 0 (0: off), got "
                               f"{self.foreground_weight}")
+        if self.loss_weighting == "x0" and self.mode != "points":
+            raise ConfigError("loss_weighting: x0 is for mode points (the point clouds' eps "
+                              "loss); use uniform or min-snr")
         weighted = [key for key, on in (("loss_weighting", self.loss_weighting != "uniform"),
                                         ("foreground_weight", self.foreground_weight > 0)) if on]
         if weighted and self.mode == "clip":
@@ -190,6 +226,11 @@ class FinetuneConfig:
                               "attention; remove it or use mode: ema")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas: expected two values in [0, 1), got {list(self.betas)}")
+        if self.mode == "points" and self.model.conditioner is None \
+                and self.model.init == "random":
+            raise ConfigError("model.conditioner: mode points needs the OpenCLIP image tower "
+                              "whose embedding conditions the clouds (model.conditioner.model="
+                              "FOLDER)")
         if self.mode == "clip" and self.model.conditioner is not None:
             raise ConfigError("model.conditioner: clip mode trains the OpenCLIP model itself; "
                               "set model.init (random or an OpenCLIP folder) instead")

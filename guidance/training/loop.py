@@ -97,7 +97,7 @@ class Trainer:
         self.V = cfg.data.num_views
         self.trainable, image_size = self.build()
         with acc.main_process_first():
-            self.dataset = load_dataset(cfg.data, image_size, self.with_reference)
+            self.dataset = self.load_data(image_size)
         self.start_step = 0
         self.average = None
         if cfg.average_decay > 0:
@@ -110,8 +110,7 @@ class Trainer:
         self._run_started: Optional[float] = None
         if resume is not None:
             self._restore(resume)
-        loader = step_loader(self.dataset, cfg.batch_size, cfg.seed, self.start_step,
-                             cfg.steps, acc.num_processes, cfg.data.num_workers)
+        loader = self.make_loader()
         self.net, self.optimizer, self.loader = acc.prepare(self.trainable, self.optimizer,
                                                             loader)
         scaler_state = self.resume_info.get("scaler")
@@ -137,6 +136,18 @@ class Trainer:
     def sample_grid(self, step: int) -> Optional[Path]:
         """Progress images of step ``step`` (none by default)."""
         return None
+
+    def load_data(self, image_size: Optional[int]):
+        """The training data (default: the multi-view dataset of ``cfg.data`` at
+        ``image_size``)."""
+        return load_dataset(self.cfg.data, image_size, self.with_reference)
+
+    def make_loader(self) -> torch.utils.data.DataLoader:
+        """The loader of the remaining steps (default: seeded batches of the multi-view
+        dataset, :func:`guidance.training.data.step_loader`)."""
+        cfg = self.cfg
+        return step_loader(self.dataset, cfg.batch_size, cfg.seed, self.start_step, cfg.steps,
+                           self.accelerator.num_processes, cfg.data.num_workers)
 
     # -- checkpoints ----------------------------------------------------------------------
     def _modules(self) -> Dict[str, torch.nn.Module]:

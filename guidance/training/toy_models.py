@@ -2,7 +2,7 @@
 
     python -m guidance.training.toy_models [out=models/toy] [data=data/toy] [count=200]
         [heldout=20] [heldout_pool=0] [seed=0] [steps_scale=1.0] [width=1] [batch=0]
-        [device=auto] [threads=0]
+        [device=auto] [threads=0] [models=[clip,text,stage1,stage2,pointe]]
 
 The chain (../shared/DESIGN.md section 5), each step through the same commands a user runs:
 
@@ -11,11 +11,19 @@ The chain (../shared/DESIGN.md section 5), each step through the same commands a
    contrastively on renders + captions;
 3. ``toy-text``: a pixel-space text-to-multi-view model trained from scratch (MVDream analogue);
 4. ``toy-image``: Isotropic3D stage 1 (the CLIP image embedding replaces the text);
-5. ``toy-ema``: Isotropic3D stage 2 (explicit multi-view attention with the clean reference).
+5. ``toy-ema``: Isotropic3D stage 2 (explicit multi-view attention with the clean reference);
+6. ``toy-pointe``: the point-cloud prior, a Point-E image-vec model on coloured clouds of the
+   world's meshes, conditioned on the CLIP's image embedding (``python -m guidance.training``
+   mode ``points``).
+
+``models=`` makes only some of them (``models=[pointe]`` re-creates the point model alone in
+about 25 minutes); a model a chosen one needs but that is not made this time is taken from
+``out`` (the CLIP the point model reads: ``out/clip``). The manifest keeps the entries of the
+models not made this time.
 
 Finished steps are skipped when the command is run again (their ``model/`` exists), so an
 interrupted chain continues. The models end up in ``out``: ``clip/``, ``text/``,
-``stage1/`` and ``stage2/``, with ``manifest.json`` (the command, the settings, and each
+``stage1/``, ``stage2/`` and ``pointe/``, with ``manifest.json`` (the command, the settings, and each
 training's steps, wall time and final loss); ``steps_scale`` scales every training (tests
 shorten it; a longer one makes better models). ``width`` multiplies the multi-view UNet's
 channels and attention heads (its heads stay 32-d; stages 1 and 2 inherit the text model's
@@ -33,9 +41,13 @@ from pathlib import Path
 from typing import List, Optional
 
 STAGES = (("clip", "toy-clip"), ("text", "toy-text"), ("stage1", "toy-image"),
-          ("stage2", "toy-ema"))
+          ("stage2", "toy-ema"), ("pointe", "toy-pointe"))
+MODEL_NAMES = [name for name, _ in STAGES]
 DEFAULTS = dict(out="models/toy", data="data/toy", count=200, heldout=20, heldout_pool=0,
-                seed=0, steps_scale=1.0, width=1, batch=0, device="auto", threads=0)
+                seed=0, steps_scale=1.0, width=1, batch=0, device="auto", threads=0,
+                models=list(MODEL_NAMES))
+#: what each model is trained from (its own training's inputs among the others)
+NEEDS = {"text": ["clip"], "stage1": ["text", "clip"], "stage2": ["stage1"], "pointe": ["clip"]}
 #: side of the toy world's renders the models train on
 DATA_SIZE = 64
 
@@ -58,6 +70,8 @@ def command():
         Key("batch", int, d["batch"], help="diffusion trainings' batch size (0: the recipes')"),
         Key("device", str, d["device"], choices=("auto", "cpu"), help="auto or cpu"),
         Key("threads", int, d["threads"], help="torch threads on CPU (0: torch's default)"),
+        Key("models", list, d["models"], choices=MODEL_NAMES,
+            help="the models to make (the others are taken from out when needed)"),
     ])
 
 
@@ -74,6 +88,9 @@ def parse(argv: List[str]) -> dict:
         raise ConfigError("steps_scale must be > 0")
     if args["width"] < 1 or args["batch"] < 0:
         raise ConfigError("width must be >= 1 and batch >= 0 (0: the recipes' batch size)")
+    if not args["models"]:
+        raise ConfigError(f"models: name at least one of {', '.join(MODEL_NAMES)}")
+    args["models"] = [m for m in MODEL_NAMES if m in args["models"]]   # chain order
     return args
 
 
@@ -100,7 +117,7 @@ def run(argv: List[str]) -> int:
     from engine.checkpoint import atomic_write_text
     from engine.cli import Command
     from engine.datasets import toy_world
-    from engine.errors import RunAborted
+    from engine.errors import ConfigError, RunAborted
     from guidance.training.command import main as train
 
     if Command.wants_help(argv):
@@ -108,6 +125,16 @@ def run(argv: List[str]) -> int:
         return 0
     args = parse(argv)
     out, data = Path(args["out"]), Path(args["data"])
+
+    def present(folder: Path) -> bool:
+        return folder.is_dir() and any(folder.iterdir())
+
+    for name in args["models"]:          # before anything is made: what is needed is there
+        for need in NEEDS.get(name, []):
+            if need not in args["models"] and not present(out / "runs" / need / "model") \
+                    and not present(out / need):
+                raise ConfigError(f"models: {name} needs the {need} model; it is neither "
+                                  f"made this time nor in {out / need}: add {need} to models=")
     if not (data / "dataset.json").is_file():
         toy_world.generate(data, count=args["count"], heldout=args["heldout"],
                            seed=args["seed"], size=DATA_SIZE,
@@ -116,6 +143,10 @@ def run(argv: List[str]) -> int:
     models = {}
     for name, recipe in STAGES:
         model = runs / name / "model"
+        if name not in args["models"]:
+            # not made this time: an earlier run's, else the one in out (for what needs it)
+            models[name] = model if present(model) else out / name
+            continue
         models[name] = model
         if model.is_dir() and any(model.iterdir()):
             print(f"{name}: already trained ({model})")
@@ -135,6 +166,8 @@ def run(argv: List[str]) -> int:
             items += [f"model.init={models['text']}", f"model.conditioner.model={models['clip']}"]
         elif name == "stage2":
             items.append(f"model.init={models['stage1']}")
+        elif name == "pointe":
+            items.append(f"model.conditioner.model={models['clip']}")
         if (runs / name).exists():          # a half-finished run: continue it
             items = [f"resume={runs / name}"]
         code = train(items)
@@ -144,9 +177,23 @@ def run(argv: List[str]) -> int:
     # the settings that shape the models (not where they go, nor how fast they are made)
     shaping = [f"{k}={v}" for k, v in args.items()
                if v != DEFAULTS[k] and k not in ("out", "data", "device", "threads")]
+    shaping = [item for item in shaping if not item.startswith("models=")]
+    made = {name: models[name] for name in args["models"]}
+    if set(made) != set(MODEL_NAMES):
+        shaping.append(f"models=[{','.join(made)}]")
     manifest = {"command": " ".join(["python -m guidance.training.toy_models", *shaping]),
                 "settings": args, "models": {}}
-    for name, model in models.items():
+    old = out / "manifest.json"
+    if set(made) != set(MODEL_NAMES) and old.is_file():
+        try:     # the models not made this time keep their records
+            previous = json.loads(old.read_text())
+            manifest["models"] = {k: v for k, v in previous.get("models", {}).items()
+                                  if k not in made}
+            manifest["earlier"] = {"command": previous.get("command"),
+                                   "models": sorted(manifest["models"])}
+        except (OSError, ValueError):
+            pass
+    for name, model in made.items():
         target = out / name
         if target.exists():
             shutil.rmtree(target)
