@@ -80,12 +80,19 @@ class OutputConfig:
     tensorboard: bool = MISSING          # event files in RUN/tensorboard (engine/experiment_log.py)
     wandb: bool = MISSING                # also log to Weights & Biases (pip install wandb)
     wandb_project: str = MISSING         # the W&B project of output.wandb
+    live_view: bool = False              # a live viser view while training (engine/live_view.py)
+    live_view_port: int = 8080           # its port (0: any free one; a taken one: the next free)
+    live_view_host: str = "127.0.0.1"    # its address (0.0.0.0: every interface)
+    live_view_refresh: float = 1.0       # seconds between frames (and at most 4% of the time)
+    live_view_size: int = 128            # frame height in pixels
 
     def __post_init__(self):
         from engine.experiment_log import wandb_installed, wandb_missing
+        from engine.live_view import check_settings
 
         if self.wandb and not wandb_installed():
             raise wandb_missing(prefix="")
+        check_settings(self)
         for k in ("checkpoint_every", "render_every"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k}: must be >= 0, got {getattr(self, k)}")

@@ -26,6 +26,7 @@ from engine.cameras import orbit
 from engine.config import RunConfig, StageConfig, build, check_lr_groups
 from engine.errors import ConfigError, RunAborted
 from engine.experiment_log import ExperimentLog
+from engine.live_view import LiveView
 from engine.outputs import MetricsLog, save_grid
 from engine.plugin import Representation, RunInputs, StepInfo
 from engine.seeding import step_generator, step_seed
@@ -199,6 +200,7 @@ class Trainer:
         self._plan: Optional[Tuple[int, int, Any]] = None   # from prepare_resume
         self._prepared: Optional[Tuple[int, StageParts]] = None
         self.explog = ExperimentLog()      # TensorBoard / W&B while run() trains; else off
+        self.live = LiveView()             # output.live_view: a viser page while run() trains
 
     # -- building -----------------------------------------------------------------------
     def _components(self, name: str) -> Dict[str, Tuple[type, Any]]:
@@ -439,7 +441,7 @@ class Trainer:
             MetricsLog.truncate_after(self.run_dir / "metrics.jsonl", start_stage, start_step - 1)
         log = MetricsLog(self.run_dir / "metrics.jsonl")
         global_step = sum(self.cfg.stages[s].steps for s in stage_names[:start_stage])
-        explog = None
+        explog = live = None
         try:
             from omegaconf import OmegaConf
 
@@ -447,6 +449,7 @@ class Trainer:
                 explog = self.explog = ExperimentLog.open(
                     self.run_dir, self.cfg.output, config=OmegaConf.to_container(self.resolved),
                     start_step=global_step + start_step, resumed=resume is not None)
+                live = self.live = LiveView.open(self.cfg.output, stage_names)
             with self.stop:
                 for si in range(start_stage, len(stage_names)):
                     sname = stage_names[si]
@@ -457,6 +460,8 @@ class Trainer:
             log.close()
             if explog is not None:
                 explog.close()
+            if live is not None:
+                live.close()
         if self.last_parts is None:   # resumed after the last stage had finished
             last = stage_names[-1]
             self.last_parts = self._parts_for_finished(last)
@@ -539,6 +544,7 @@ class Trainer:
                                                 / 2**30, 3)
             log.write(record)
             self.explog.record(record)
+            self.live.after_step(parts, info, record)    # between steps, when a browser looks
             if total is not None and not finite and nan_streak >= self.cfg.system.max_nan_steps:
                 bar.close()
                 path = self.save_checkpoint(parts, sname, si, step, stage_end=False)

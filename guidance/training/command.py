@@ -9,7 +9,8 @@ CLIP model that conditions it) on a multi-view dataset (engine.datasets.mvdatase
 A name resolves to recipes/finetune/NAME.yaml. Modes (``mode:``): ``text``, ``image`` and
 ``ema`` train a multi-view diffusion model (:mod:`guidance.training.diffusion`), ``clip`` an
 OpenCLIP model (:mod:`guidance.training.clip`), ``points`` a Point-E point-cloud model
-(:mod:`guidance.training.points`); all through one loop
+(:mod:`guidance.training.points`), ``triplane-ae`` Compress3D's triplane autoencoder
+(:mod:`guidance.training.triplane_ae`); all through one loop
 (:mod:`guidance.training.loop`). Every other ``key=value`` item is a dotted override of the
 recipe (:mod:`guidance.training.config`). With several processes each one gets
 ``batch_size`` objects per step.
@@ -34,8 +35,9 @@ usage: {PROG} recipe=NAME_OR_PATH [out=DIR] [key=value ...]
        accelerate launch -m guidance.training recipe=NAME [key=value ...]
 
 Modes: text (text-to-multi-view), image (Isotropic3D stage 1), ema (stage 2, explicit
-multi-view attention), clip (contrastive OpenCLIP), points (a Point-E image-vec model on
-coloured clouds of a toy world's meshes). NAME is recipes/finetune/NAME.yaml.
+multi-view attention), clip (contrastive OpenCLIP), points (a Point-E model on
+coloured clouds of a toy world's meshes), triplane-ae (Compress3D's triplane autoencoder of
+those clouds). NAME is recipes/finetune/NAME.yaml.
 Overrides are dotted keys, e.g. steps=200 data.root=data/toy model.init=runs/text/model.
 Outputs: OUT/config.yaml, metrics.jsonl, checkpoints/, samples/, model/ (OUT: out=, else the
 recipe's out:, else outputs/finetune/NAME).
@@ -102,6 +104,8 @@ def make_trainer(cfg: FinetuneConfig, out_dir: Path, resume: Optional[Path] = No
         from guidance.training.clip import ClipTrainer as cls
     elif cfg.mode == "points":
         from guidance.training.points import PointTrainer as cls
+    elif cfg.mode == "triplane-ae":
+        from guidance.training.triplane_ae import TriplaneAETrainer as cls
     else:
         from guidance.training.diffusion import DiffusionTrainer as cls
     return cls(cfg, out_dir, resume=resume)

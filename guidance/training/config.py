@@ -16,7 +16,7 @@ from omegaconf import MISSING, OmegaConf
 
 from engine.errors import ConfigError, did_you_mean
 
-MODES = ("text", "image", "ema", "clip", "points")
+MODES = ("text", "image", "ema", "clip", "points", "triplane-ae")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 LOSS_WEIGHTINGS = ("uniform", "min-snr", "x0")   # x0: mode points only
@@ -75,6 +75,9 @@ class ModelConfig:
     # PointModelConfig fields: width, layers, heads, points; kind image-vec and clip_dim come
     # from the conditioner)
     point: Dict[str, Any] = field(default_factory=dict)
+    # triplane-ae, init random: the autoencoder's sizes (guidance.compress3d.autoencoder
+    # TriplaneAEConfig fields: volume, width, latent_channels, ...)
+    autoencoder: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.space not in ("pixel", "latent"):
@@ -119,13 +122,45 @@ class PointsConfig:
 
 
 @dataclass
+class ShapesConfig:
+    """mode triplane-ae: what each step draws from a toy-world object's true mesh
+    (guidance.training.triplane_ae)."""
+
+    pool: int = 8192                     # surface samples per object (colours from the mesh)
+    cloud_points: int = 1024             # the encoder's input cloud, drawn afresh every step
+    near_points: int = 1024              # occupancy queries near the surface ...
+    near_sigma: float = 0.03             # ... surface points moved by N(0, sigma^2)
+    uniform_points: int = 1024           # ... and uniform in the cube
+    color_points: int = 512              # surface points the colour loss reads
+    grid: int = 96                       # the occupancy labels' grid over the cube
+    occupancy_weight: float = 1.0
+    color_weight: float = 1.0            # L1 of rgb at surface points
+    kl_weight: float = 1.0e-4
+
+    def __post_init__(self):
+        for key in ("pool", "cloud_points", "grid"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"shapes.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("near_points", "uniform_points", "color_points"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"shapes.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.near_points + self.uniform_points < 1:
+            raise ConfigError("shapes.near_points + shapes.uniform_points: at least one "
+                              "occupancy query a step")
+        if not self.near_sigma >= 0 or min(self.occupancy_weight, self.color_weight,
+                                           self.kl_weight) < 0:
+            raise ConfigError("shapes.near_sigma and the shapes.*_weight keys must be >= 0")
+
+
+@dataclass
 class FinetuneConfig:
     recipe: str = ""
     description: str = ""
-    mode: str = MISSING                  # text | image | ema | clip
+    mode: str = MISSING                  # text | image | ema | clip | points | triplane-ae
     data: DataConfig = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     points: PointsConfig = field(default_factory=PointsConfig)   # mode points only
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)   # mode triplane-ae only
     steps: int = 1000
     batch_size: int = 4                  # objects per step and process
     lr: float = 1e-4
@@ -231,6 +266,11 @@ class FinetuneConfig:
             raise ConfigError("model.conditioner: mode points needs the OpenCLIP image tower "
                               "whose embedding conditions the clouds (model.conditioner.model="
                               "FOLDER)")
+        if self.mode == "triplane-ae" and (self.model.conditioner is not None
+                                           or self.loss_weighting != "uniform"
+                                           or self.foreground_weight > 0):
+            raise ConfigError("mode triplane-ae reads no picture and has no diffusion loss: "
+                              "remove model.conditioner, loss_weighting and foreground_weight")
         if self.mode == "clip" and self.model.conditioner is not None:
             raise ConfigError("model.conditioner: clip mode trains the OpenCLIP model itself; "
                               "set model.init (random or an OpenCLIP folder) instead")

@@ -84,3 +84,31 @@ def step_loader(dataset, batch_size: int, seed: int, start: int, steps: int,
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start, steps, num_processes)
     return torch.utils.data.DataLoader(SeededDataset(dataset), batch_sampler=sampler,
                                        collate_fn=collate, num_workers=num_workers)
+
+
+def seeded_item_loader(dataset, batch_size: int, seed: int, start: int, steps: int,
+                       num_processes: int, num_workers: int) -> torch.utils.data.DataLoader:
+    """The loader of steps ``start..steps-1`` for a dataset of dict items drawn with torch's
+    RNG (seeded per item, :class:`SeededDataset`), collated by torch's default."""
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start, steps, num_processes)
+    return torch.utils.data.DataLoader(SeededDataset(dataset), batch_sampler=sampler,
+                                       num_workers=num_workers)
+
+
+def toy_world_ids(root, split):
+    """The object ids of a toy-world dataset's ``split`` (None: all), one line when it is not
+    one or the split is empty."""
+    import json
+    from pathlib import Path
+
+    from engine.errors import InputError
+
+    index = Path(root) / "dataset.json"
+    if not index.is_file():
+        raise InputError(f"data.root: {root} is not a toy-world dataset (no dataset.json); "
+                         "make one with python -m engine.datasets.toy_world out=DIR")
+    record = json.loads(index.read_text())
+    ids = record["objects"] if split is None else (record.get("splits") or {}).get(split)
+    if not ids:
+        raise InputError(f"data.split: {root} has no objects in split {split!r}")
+    return list(ids)

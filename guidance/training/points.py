@@ -39,7 +39,7 @@ from torch import Tensor
 from engine.errors import ConfigError, InputError, UserError
 from engine.seeding import derive_seed, step_seed
 from guidance.training.config import FinetuneConfig
-from guidance.training.data import SeededDataset, StepBatchSampler
+from guidance.training.data import seeded_item_loader, toy_world_ids
 from guidance.training.loop import STAGE_INDEX, Trainer
 
 #: model sizes for init random when model.point leaves them out (a toy-sized image-vec model)
@@ -94,16 +94,8 @@ class ToyPointPairs(torch.utils.data.Dataset):
         from engine.images import load_reference_image
 
         root = Path(root)
-        index = root / "dataset.json"
-        if not index.is_file():
-            raise InputError(f"data.root: {root} is not a toy-world dataset (no dataset.json); "
-                             "make one with python -m engine.datasets.toy_world out=DIR")
-        record = json.loads(index.read_text())
-        ids = record["objects"] if split is None else (record.get("splits") or {}).get(split)
-        if not ids:
-            raise InputError(f"data.split: {root} has no objects in split {split!r}")
         self.cloud_points = cloud_points
-        self.ids = list(ids)
+        self.ids = toy_world_ids(root, split)
         pools, pairs, pictures = [], [], []
         for i, oid in enumerate(self.ids):
             folder = root / oid
@@ -237,10 +229,9 @@ class PointTrainer(Trainer):
 
     def make_loader(self) -> torch.utils.data.DataLoader:
         cfg = self.cfg
-        sampler = StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed,
-                                   self.start_step, cfg.steps, self.accelerator.num_processes)
-        return torch.utils.data.DataLoader(SeededDataset(self.dataset), batch_sampler=sampler,
-                                           num_workers=cfg.data.num_workers)
+        return seeded_item_loader(self.dataset, cfg.batch_size, cfg.seed, self.start_step,
+                                  cfg.steps, self.accelerator.num_processes,
+                                  cfg.data.num_workers)
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> Tuple[Tensor, dict]:
         """The release's loss (eps MSE + vb), the MSE of each row weighted by
