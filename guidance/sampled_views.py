@@ -20,7 +20,9 @@ they only pick among the model's own samples. The model and its conditioning are
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -35,6 +37,26 @@ from engine.registry import register
 from guidance.multiview.prior import PRECISIONS, MultiViewPrior, resolve_precision
 from guidance.multiview.sample import draw_best_group
 from guidance.multiview.targets import MASK_HIGH, MASK_LOW, ViewTargets
+
+
+#: groups drawn in this process, by everything that decides them (settings, model, contexts,
+#: cameras): a later stage with the same guidance settings and cameras (one2345pp-toy's refine
+#: stage after its views stage) takes the same group without sampling again
+_DRAWN: "OrderedDict[str, tuple]" = OrderedDict()
+_DRAWN_MAX = 4
+
+
+def _draw_key(cfg, model_id: str, *tensors: Tensor) -> str:
+    import guidance.multiview.sample as mv_sample
+
+    # the sampler's identity too: a test that swaps it never sees another sampler's group
+    h = hashlib.sha1(repr((model_id, id(mv_sample.sample_views), cfg.guidance_scale,
+                           cfg.sample_steps, cfg.candidates, cfg.seed, cfg.input_view,
+                           cfg.mask_low, cfg.mask_high, cfg.precision)).encode())
+    for t in tensors:
+        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 @register("guidance", "sampled-views")
@@ -101,6 +123,7 @@ class SampledViewsL2(ViewTargets, Guidance):
             raise ConfigError("guidance sampled-views picks its views by the input picture: "
                               "add image=PATH (or set input_view: null)")
         # the same model loading and conditioning as score distillation
+        self._model_id = cfg.model if model is None else f"object {id(model)}"
         self.prior = MultiViewPrior.load(cfg.model if model is None else model, device=device,
                                          dtype=resolve_precision(cfg.precision, device))
         cond, uncond = self.prior.contexts(inputs.image, inputs.prompt,
@@ -129,10 +152,21 @@ class SampledViewsL2(ViewTargets, Guidance):
         if cfg.input_view is not None and cfg.input_view >= n:
             raise ConfigError(f"input_view: {cfg.input_view} but the stage has {n} cameras")
         cam16 = self.prior.camera_vectors(cameras).to(self.context_cond)
+        key = _draw_key(cfg, self._model_id, self.context_cond, self.context_uncond, cam16)
+        if key in _DRAWN:
+            self.rgb, self.mask, self.chosen, self.errors = _DRAWN[key]
+            print(f"sampled-views: the group drawn earlier in this run for these settings and "
+                  f"cameras (candidate {self.chosen}) is reused", file=sys.stderr)
+            self.c2w = cameras.c2w.detach().clone()
+            self._resized = {}
+            return
         self.rgb, self.mask, self.chosen, self.errors = draw_best_group(
             self.prior, self.context_cond, self.context_uncond, cam16, cfg.candidates,
             cfg.seed, cfg.sample_steps, cfg.guidance_scale, cfg.input_view, self.inputs.image,
             cfg.mask_low, cfg.mask_high)
+        _DRAWN[key] = (self.rgb, self.mask, self.chosen, self.errors)
+        while len(_DRAWN) > _DRAWN_MAX:
+            _DRAWN.popitem(last=False)
         if self.errors is not None:
             print(f"sampled-views: kept candidate {self.chosen} of {cfg.candidates} (match "
                   f"error {float(self.errors[self.chosen]):.4f}; others "
@@ -150,5 +184,9 @@ class SampledViewsL2(ViewTargets, Guidance):
             raise ConfigError("guidance sampled-views drew its views for other cameras: the "
                               "stage's cameras must be the same every step (type: fixed)")
         rgb, mask = self.targets(outputs["rgb"].shape[1])
+        # hand the targets to the representation (its regularizers() sees these outputs):
+        # textured-mesh back-projects them onto its texture once (representations/
+        # textured_mesh.py); others ignore the keys
+        outputs["target_rgb"], outputs["target_mask"] = rgb.detach(), mask.detach()
         return {"rgb": F.mse_loss(outputs["rgb"], rgb.to(outputs["rgb"])),
                 "mask": F.mse_loss(outputs["opacity"], mask.to(outputs["opacity"]))}
