@@ -41,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _toy_objects import kind_of, write_results  # noqa: E402
+from _toy_objects import truth_cloud as toy_truth_cloud  # noqa: E402
+
 TRUTH_POINTS = 2048
 
 
@@ -72,16 +75,7 @@ def protocol_chamfer(pred: np.ndarray, truth: np.ndarray, step: float = 5.0) -> 
 
 
 def truth_cloud(obj: Path, seed: int = 0) -> np.ndarray:
-    import trimesh
-
-    from engine.datasets.point_clouds import sample_surface
-
-    mesh = trimesh.load(str(obj / "mesh.obj"), process=False, force="mesh")
-    return sample_surface(mesh, TRUTH_POINTS, seed=seed)
-
-
-def kind_of(obj: Path) -> str:
-    return json.loads((obj / "object.json").read_text()).get("kind", obj.name)
+    return toy_truth_cloud(obj, TRUTH_POINTS, seed)
 
 
 def run(argv: List[str]) -> int:
@@ -172,12 +166,8 @@ def run(argv: List[str]) -> int:
                      f"{m['colour']:.3f} | {m['right_kind']:g} / {m['rows']} "
                      f"({m['right_kind_chance']:.1f}) | {m['shape_swap']:.3f} | "
                      f"{m.get('seconds', float('nan')):.1f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"command": command_line, "means": means,
-                                                  "rows": rows}, indent=1))
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(Path(args.out), lines, {"command": command_line, "means": means,
+                                          "rows": rows})
     return 0
 
 

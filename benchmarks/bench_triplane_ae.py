@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _toy_objects import kind_of, load_mesh, truth_cloud, write_results  # noqa: E402
+
 
 def command():
     from engine.cli import Command, Key
@@ -49,20 +51,8 @@ def command():
     ])
 
 
-def load_mesh(obj: Path):
-    import trimesh
-
-    return trimesh.load(str(obj / "mesh.obj"), process=False, force="mesh")
-
-
 def cloud_of(obj: Path, count: int, seed: int = 0) -> torch.Tensor:
-    from engine.datasets.point_clouds import sample_surface
-
-    return torch.from_numpy(sample_surface(load_mesh(obj), count, seed=seed))
-
-
-def kind_of(obj: Path) -> str:
-    return json.loads((obj / "object.json").read_text()).get("kind", obj.name)
+    return torch.from_numpy(truth_cloud(obj, count, seed))
 
 
 @torch.no_grad()
@@ -144,12 +134,8 @@ def run(argv: List[str]) -> int:
         lines.append(f"| {name} | {m['chamfer']:.4f} | {m['volume_iou']:.3f} | "
                      f"{m['f_score']:.3f} | {m['colour']:.3f} | {m['empty']} / {m['rows']} | "
                      f"{m.get('seconds', float('nan')):.1f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"command": command_line, "means": means,
-                                                  "rows": rows}, indent=1))
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(Path(args.out), lines, {"command": command_line, "means": means,
+                                          "rows": rows})
     return 0
 
 

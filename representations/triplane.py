@@ -27,13 +27,18 @@ other stage with ``density(points)`` and ``albedo(points)`` (NeRF, voxel grid) i
 field: ``distill.steps`` Adam steps fitting ``log1p(density)`` and, weighted by the source's
 per-step opacity, the albedo at points drawn uniformly in the cube and jittered in the
 source's occupied cells.
+
+``init: compress3d`` starts the planes and decoders from Compress3D's feed-forward result for
+the run's picture instead of noise: the ``compress3d:`` block names the model folder, and the
+decoded latent's field is distilled as above (:mod:`representations.lib.compress3d_init`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +49,8 @@ from engine.errors import ConfigError
 from engine.plugin import Background, Representation, StepInfo
 from engine.registry import register
 from representations.lib import volume
+from representations.lib.compress3d_init import Compress3DInit
+from representations.lib.compress3d_init import as_init as as_compress3d_init
 from representations.lib.isosurface import isosurface, sample_grid
 from representations.lib.occupancy import OccupancyConfig, OccupancyGrid, jittered_cell_points
 from representations.lib.shading import (ShadingConfig, choose_shading, random_light_positions,
@@ -52,6 +59,7 @@ from representations.lib.triplane_field import (COMBINES, Decoder, TriplaneColor
                                                 feature_dim, sample_planes, total_variation)
 
 NORMAL_MODES = ("autograd", "finite_difference")
+INITS = ("random", "compress3d")
 
 
 @dataclass
@@ -98,8 +106,16 @@ class TriplaneConfig:
     isosurface_threshold: float = 25.0
     eval_chunk_rays: int = 4096
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # random (planes ~ N(0, init_std^2)) | compress3d (distilled to Compress3D's feed-forward
+    # triplane for the picture: the compress3d block, representations/lib/compress3d_init.py)
+    init: str = "random"
+    compress3d: Optional[Compress3DInit] = None
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise ConfigError(f"init: '{self.init}' is not one of {', '.join(INITS)}")
+        if self.init == "compress3d" or self.compress3d is not None:
+            self.compress3d = as_compress3d_init(self.compress3d)
         if isinstance(self.occupancy, dict):
             self.occupancy = OccupancyConfig(**self.occupancy)
         if isinstance(self.distill, dict):
@@ -153,7 +169,7 @@ class Triplane(Representation):
     param_group_names = ("planes", "decoder")
     loss_names = ("orientation", "opacity_sparsity", "plane_tv")
 
-    def __init__(self, cfg: TriplaneConfig = None, device=None):
+    def __init__(self, cfg: TriplaneConfig = None, device=None, inputs=None):
         super().__init__()
         self.cfg = cfg = cfg or TriplaneConfig()
         r, c = cfg.resolution, cfg.channels
@@ -164,6 +180,19 @@ class Triplane(Representation):
         oc = cfg.occupancy
         self.occupancy = OccupancyGrid(oc.resolution, cfg.radius, oc.threshold, oc.decay,
                                        oc.dilate, device=device)
+        if cfg.init == "compress3d":
+            from representations.lib.compress3d_init import start_from_compress3d
+
+            start_from_compress3d(self, cfg.compress3d, device, inputs)
+
+    @classmethod
+    def preflight(cls, cfg, key: str) -> None:
+        """Before the run writes anything: an ``init: compress3d`` start's model folder is a
+        Compress3D model and the run has a picture (one line otherwise)."""
+        if cfg.init == "compress3d":
+            from representations.lib.compress3d_init import preflight
+
+            preflight(cfg.compress3d, key)
 
     # -- fields ---------------------------------------------------------------------------
     @property
@@ -335,7 +364,7 @@ class Triplane(Representation):
         """A triplane from an earlier stage: a triplane of the same sizes is continued (its
         weights and occupancy grid copied, this stage's other settings); any other stage with
         ``density`` and ``albedo`` is distilled (see the module doc and ``distill``)."""
-        cfg = cfg or TriplaneConfig()
+        cfg = dataclasses.replace(cfg or TriplaneConfig(), init="random")
         if isinstance(previous, Triplane):
             rep = cls(cfg, device=device)
             try:

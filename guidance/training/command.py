@@ -10,7 +10,8 @@ A name resolves to recipes/finetune/NAME.yaml. Modes (``mode:``): ``text``, ``im
 ``ema`` train a multi-view diffusion model (:mod:`guidance.training.diffusion`), ``clip`` an
 OpenCLIP model (:mod:`guidance.training.clip`), ``points`` a Point-E point-cloud model
 (:mod:`guidance.training.points`), ``triplane-ae`` Compress3D's triplane autoencoder
-(:mod:`guidance.training.triplane_ae`); all through one loop
+(:mod:`guidance.training.triplane_ae`), ``triplane-diffusion`` Compress3D's shape prior and
+triplane latent diffusion (:mod:`guidance.training.triplane_diffusion`); all through one loop
 (:mod:`guidance.training.loop`). Every other ``key=value`` item is a dotted override of the
 recipe (:mod:`guidance.training.config`). With several processes each one gets
 ``batch_size`` objects per step.
@@ -37,7 +38,8 @@ usage: {PROG} recipe=NAME_OR_PATH [out=DIR] [key=value ...]
 Modes: text (text-to-multi-view), image (Isotropic3D stage 1), ema (stage 2, explicit
 multi-view attention), clip (contrastive OpenCLIP), points (a Point-E model on
 coloured clouds of a toy world's meshes), triplane-ae (Compress3D's triplane autoencoder of
-those clouds). NAME is recipes/finetune/NAME.yaml.
+those clouds), triplane-diffusion (Compress3D's shape prior and latent diffusion from a
+picture). NAME is recipes/finetune/NAME.yaml.
 Overrides are dotted keys, e.g. steps=200 data.root=data/toy model.init=runs/text/model.
 Outputs: OUT/config.yaml, metrics.jsonl, checkpoints/, samples/, model/ (OUT: out=, else the
 recipe's out:, else outputs/finetune/NAME).
@@ -106,6 +108,8 @@ def make_trainer(cfg: FinetuneConfig, out_dir: Path, resume: Optional[Path] = No
         from guidance.training.points import PointTrainer as cls
     elif cfg.mode == "triplane-ae":
         from guidance.training.triplane_ae import TriplaneAETrainer as cls
+    elif cfg.mode == "triplane-diffusion":
+        from guidance.training.triplane_diffusion import TriplaneDiffusionTrainer as cls
     else:
         from guidance.training.diffusion import DiffusionTrainer as cls
     return cls(cfg, out_dir, resume=resume)

@@ -16,7 +16,7 @@ from omegaconf import MISSING, OmegaConf
 
 from engine.errors import ConfigError, did_you_mean
 
-MODES = ("text", "image", "ema", "clip", "points", "triplane-ae")
+MODES = ("text", "image", "ema", "clip", "points", "triplane-ae", "triplane-diffusion")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 LOSS_WEIGHTINGS = ("uniform", "min-snr", "x0")   # x0: mode points only
@@ -78,6 +78,11 @@ class ModelConfig:
     # triplane-ae, init random: the autoencoder's sizes (guidance.compress3d.autoencoder
     # TriplaneAEConfig fields: volume, width, latent_channels, ...)
     autoencoder: Dict[str, Any] = field(default_factory=dict)
+    # triplane-diffusion: the autoencoder folder whose latents are drawn (autoencoder: PATH),
+    # the weight of the shape prior's loss (prior_weight, 1.0) and, init random, the two
+    # denoisers' sizes (guidance.compress3d.latent_diffusion LatentDiffusionConfig fields:
+    # width, layers, heads, prior_width, prior_layers, shape_condition, ...)
+    latent: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.space not in ("pixel", "latent"):
@@ -156,10 +161,12 @@ class ShapesConfig:
 class FinetuneConfig:
     recipe: str = ""
     description: str = ""
-    mode: str = MISSING                  # text | image | ema | clip | points | triplane-ae
+    mode: str = MISSING                  # text | image | ema | clip | points | triplane-ae |
+                                         # triplane-diffusion
     data: DataConfig = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
-    points: PointsConfig = field(default_factory=PointsConfig)   # mode points only
+    # modes points and triplane-diffusion: the (picture, cloud) pairs
+    points: PointsConfig = field(default_factory=PointsConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)   # mode triplane-ae only
     steps: int = 1000
     batch_size: int = 4                  # objects per step and process
@@ -271,6 +278,16 @@ class FinetuneConfig:
                                            or self.foreground_weight > 0):
             raise ConfigError("mode triplane-ae reads no picture and has no diffusion loss: "
                               "remove model.conditioner, loss_weighting and foreground_weight")
+        if self.mode == "triplane-diffusion":
+            if self.loss_weighting != "uniform" or self.foreground_weight > 0:
+                raise ConfigError("mode triplane-diffusion weighs its v-prediction loss "
+                                  "uniformly: remove loss_weighting and foreground_weight")
+            if self.model.init == "random" and (self.model.conditioner is None
+                                                or not self.model.latent.get("autoencoder")):
+                raise ConfigError("mode triplane-diffusion, init random: needs the image tower "
+                                  "(model.conditioner.model=FOLDER) and the autoencoder "
+                                  "(model.latent.autoencoder=FOLDER, e.g. "
+                                  "models/toy/triplane-ae)")
         if self.mode == "clip" and self.model.conditioner is not None:
             raise ConfigError("model.conditioner: clip mode trains the OpenCLIP model itself; "
                               "set model.init (random or an OpenCLIP folder) instead")
