@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import pytest
 
-from guidance.training.toy_models import main
+from guidance.training.toy_models import MODEL_NAMES, main
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_chain_produces_loadable_models(chain):
     from guidance.multiview.model import MultiViewDiffusionModel
 
     models = chain / "models"
-    for name in ("clip", "text", "stage1", "stage2", "pointe"):
+    for name in MODEL_NAMES:
         assert (models / name).is_dir(), name
     stage2 = MultiViewDiffusionModel.from_pretrained(models / "stage2")
     assert stage2.info.conditioning == "image" and stage2.info.space == "pixel"
@@ -59,6 +59,17 @@ def test_chain_produces_loadable_models(chain):
         expected = clip(pictures)[:, 0].float()           # [N, L, D]: the pooled token first
     expected = expected / expected.norm(dim=-1, keepdim=True)
     assert torch.allclose(pointe.encoder.embedding(pictures), expected, atol=1e-5)
+    # Compress3D: its copies of the image tower and of the chain's autoencoder are those
+    from safetensors.torch import load_file
+
+    from guidance.compress3d.pipeline import Compress3D
+
+    c3d = Compress3D.load(models / "compress3d")
+    assert torch.allclose(c3d.encoder.embedding(pictures), expected, atol=1e-5)
+    mine = load_file(str(models / "compress3d" / "autoencoder" / "model.safetensors"))
+    chains = load_file(str(models / "triplane-ae" / "model.safetensors"))
+    assert mine.keys() == chains.keys() and all(torch.equal(mine[k], chains[k]) for k in mine)
+    assert read_yaml(runs / "compress3d" / "config.yaml")["batch_size"] == 2
 
 
 @pytest.mark.slow
@@ -77,7 +88,7 @@ def test_one_model_alone_keeps_the_others_records(chain, tmp_path):
                  "steps_scale=0.001", "threads=1", "models=[pointe]"]) == 0
     assert not (out / "runs" / "clip").exists()
     record = json.loads((out / "manifest.json").read_text())
-    assert set(record["models"]) == {"clip", "text", "stage1", "stage2", "pointe"}
+    assert set(record["models"]) == set(MODEL_NAMES)
     assert record["command"].endswith("models=[pointe]")
 
 
@@ -86,7 +97,7 @@ def test_rerun_skips_finished_trainings(chain, capsys):
     assert main([f"out={chain / 'models'}", f"data={chain / 'data'}", "count=6", "heldout=1",
                  "steps_scale=0.001", "width=2", "batch=2"]) == 0
     out = capsys.readouterr().out
-    assert out.count("already trained") == 5
+    assert out.count("already trained") == len(MODEL_NAMES)
 
 
 def test_bad_keys_are_user_errors(capsys):
@@ -114,6 +125,6 @@ def test_manifest_records_command_and_trainings(chain):
     record = json.loads((chain / "models" / "manifest.json").read_text())
     assert record["command"] == ("python -m guidance.training.toy_models count=6 heldout=1 "
                                  "steps_scale=0.001 width=2 batch=2")
-    assert set(record["models"]) == {"clip", "text", "stage1", "stage2", "pointe"}
+    assert set(record["models"]) == set(MODEL_NAMES)
     for name, info in record["models"].items():
         assert info["steps"] >= 2 and info["mib"] > 0 and np.isfinite(info["final_loss"]), name

@@ -2,7 +2,8 @@
 
     python -m guidance.training.toy_models [out=models/toy] [data=data/toy] [count=200]
         [heldout=20] [heldout_pool=0] [seed=0] [steps_scale=1.0] [width=1] [batch=0]
-        [device=auto] [threads=0] [models=[clip,text,stage1,stage2,pointe]]
+        [device=auto] [threads=0]
+        [models=[clip,text,stage1,stage2,pointe,triplane-ae,compress3d]]
 
 The chain (../shared/DESIGN.md section 5), each step through the same commands a user runs:
 
@@ -12,9 +13,13 @@ The chain (../shared/DESIGN.md section 5), each step through the same commands a
 3. ``toy-text``: a pixel-space text-to-multi-view model trained from scratch (MVDream analogue);
 4. ``toy-image``: Isotropic3D stage 1 (the CLIP image embedding replaces the text);
 5. ``toy-ema``: Isotropic3D stage 2 (explicit multi-view attention with the clean reference);
-6. ``toy-pointe``: the point-cloud prior, a Point-E image-vec model on coloured clouds of the
-   world's meshes, conditioned on the CLIP's image embedding (``python -m guidance.training``
-   mode ``points``).
+6. ``toy-pointe``: the point-cloud prior, a Point-E image-grid model on coloured clouds of the
+   world's meshes, conditioned on the CLIP's image tokens (``python -m guidance.training``
+   mode ``points``);
+7. ``toy-triplane-ae``: Compress3D's triplane autoencoder of those clouds (mode
+   ``triplane-ae``);
+8. ``toy-compress3d``: Compress3D's shape prior and triplane latent diffusion, conditioned on
+   the CLIP's image embedding, over the autoencoder's latents (mode ``triplane-diffusion``).
 
 ``models=`` makes only some of them (``models=[pointe]`` re-creates the point model alone in
 about 25 minutes); a model a chosen one needs but that is not made this time is taken from
@@ -23,7 +28,7 @@ models not made this time.
 
 Finished steps are skipped when the command is run again (their ``model/`` exists), so an
 interrupted chain continues. The models end up in ``out``: ``clip/``, ``text/``,
-``stage1/``, ``stage2/`` and ``pointe/``, with ``manifest.json`` (the command, the settings, and each
+``stage1/``, ``stage2/``, ``pointe/``, ``triplane-ae/`` and ``compress3d/``, with ``manifest.json`` (the command, the settings, and each
 training's steps, wall time and final loss); ``steps_scale`` scales every training (tests
 shorten it; a longer one makes better models). ``width`` multiplies the multi-view UNet's
 channels and attention heads (its heads stay 32-d; stages 1 and 2 inherit the text model's
@@ -41,13 +46,15 @@ from pathlib import Path
 from typing import List, Optional
 
 STAGES = (("clip", "toy-clip"), ("text", "toy-text"), ("stage1", "toy-image"),
-          ("stage2", "toy-ema"), ("pointe", "toy-pointe"))
+          ("stage2", "toy-ema"), ("pointe", "toy-pointe"), ("triplane-ae", "toy-triplane-ae"),
+          ("compress3d", "toy-compress3d"))
 MODEL_NAMES = [name for name, _ in STAGES]
 DEFAULTS = dict(out="models/toy", data="data/toy", count=200, heldout=20, heldout_pool=0,
                 seed=0, steps_scale=1.0, width=1, batch=0, device="auto", threads=0,
                 models=list(MODEL_NAMES))
 #: what each model is trained from (its own training's inputs among the others)
-NEEDS = {"text": ["clip"], "stage1": ["text", "clip"], "stage2": ["stage1"], "pointe": ["clip"]}
+NEEDS = {"text": ["clip"], "stage1": ["text", "clip"], "stage2": ["stage1"], "pointe": ["clip"],
+         "compress3d": ["clip", "triplane-ae"]}
 #: side of the toy world's renders the models train on
 DATA_SIZE = 64
 
@@ -168,6 +175,9 @@ def run(argv: List[str]) -> int:
             items.append(f"model.init={models['stage1']}")
         elif name == "pointe":
             items.append(f"model.conditioner.model={models['clip']}")
+        elif name == "compress3d":
+            items += [f"model.conditioner.model={models['clip']}",
+                      f"model.latent.autoencoder={models['triplane-ae']}"]
         if (runs / name).exists():          # a half-finished run: continue it
             items = [f"resume={runs / name}"]
         code = train(items)

@@ -126,10 +126,15 @@ class TriplaneDiffusionTrainer(Trainer):
         self.autoencoder = TriplaneAutoencoder.from_pretrained(ae_folder,
                                                                "model.latent.autoencoder")
         self.autoencoder.requires_grad_(False).to(self.device)
-        if not tower.is_dir():
+        if tower.is_dir():
+            spec = tower
+        elif m.conditioner is not None and m.conditioner.pretrained:
+            spec = (m.conditioner.model, m.conditioner.pretrained)   # an architecture + tag
+        else:
             raise UserError(f"model.conditioner.model: {tower} is not an OpenCLIP folder (the "
-                            "toy one is models/toy/clip)")
-        self.encoder = PointImageEncoder.load(tower, "model.conditioner.model")
+                            "toy one is models/toy/clip; or an architecture name with "
+                            "model.conditioner.pretrained)")
+        self.encoder = PointImageEncoder.load(spec, "model.conditioner.model")
         self.encoder.to(self.device)
         if m.init == "random":
             config = validate(LatentDiffusionConfig, {
