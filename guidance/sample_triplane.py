@@ -12,7 +12,10 @@ object fraction the model folder gives. Writes, in OUT (default outputs/sample-t
   engine's frame, z up; the picture's camera on +x, azimuth 0);
 * ``latent.safetensors``: the triplane latent ``[3, c, r, r]`` (key ``latent``) and, for a
   model with the shape embedding, the drawn (normalised) shape embedding (key ``shape``);
-* ``preview.png``: the picture and the mesh's vertices from four sides.
+* ``preview.png``: the picture and the mesh's vertices from four sides;
+* ``views.png``, for a model conditioned on a group of views (One-2-3-45++'s multi-view
+  conditioned prior, ``points.views: groups``): the views drawn from the picture by the
+  multi-view model (``views_model``, default the folder's: models/toy/stage2) that it read.
 
 ``steps`` and ``guidance_scale`` default to the folder's sampler settings. A missing or
 unreadable picture, missing weights, a folder that is not a Compress3D model, or a decoded
@@ -41,6 +44,8 @@ def command():
         Key("guidance_scale", float, -1.0, help="classifier-free guidance (-1: the model's)"),
         Key("seed", int, 0),
         Key("resolution", int, 64, help="marching-cubes grid", maximum=512),
+        Key("views_model", str, help="a model conditioned on drawn views: the multi-view model "
+                                     "that draws them (default: the folder's, models/toy/stage2)"),
         Key("device", str, "auto", help="auto | cpu | cuda | cuda:N"),
     ])
 
@@ -87,6 +92,12 @@ def write_outputs(out: Path, result, picture_rgb) -> dict:
     preview_rows([(picture_rgb, [np.concatenate([verts[pick], colours[pick]], 1)])],
                  out / "preview.png")
     paths["preview"] = str(out / "preview.png")
+    if result.views is not None:           # what a multi-view-conditioned model read
+        from PIL import Image
+
+        strip = np.concatenate([np.asarray(v) for v in result.views.clamp(0, 1)], axis=1)
+        Image.fromarray((strip * 255 + 0.5).astype(np.uint8)).save(out / "views.png")
+        paths["views"] = str(out / "views.png")
     return paths
 
 
@@ -109,7 +120,8 @@ def run(argv: List[str]) -> int:
     loaded = time.perf_counter() - t0
     result = model.generate(picture_path, seed=args.seed, steps=args.steps or None,
                             guidance_scale=None if args.guidance_scale < 0
-                            else args.guidance_scale, resolution=args.resolution)
+                            else args.guidance_scale, resolution=args.resolution,
+                            views_model=args.views_model)
     if result.mesh is None:
         raise UserError(f"image={picture_path}: the decoded triplane has no surface (empty or "
                         "full); try another seed= or a higher guidance_scale=")

@@ -266,3 +266,50 @@ def test_a_triplane_started_by_compress3d_holds_the_decoded_shape():
         inside = pts[truth]
         colour_err = float((rep.albedo(inside) - field.albedo(inside)).abs().mean())
     assert iou > 0.6 and colour_err < 0.15, (iou, colour_err)
+
+
+def test_group_rows_take_each_group_in_every_cyclic_order(tmp_path):
+    """Two objects: one group of 4 views + a reference, then two groups + no reference; the
+    rows index the pairs (groups' views first per object, then references) of each group in
+    its 4 cyclic orders."""
+    from types import SimpleNamespace
+
+    from engine.errors import InputError
+    from guidance.training.triplane_diffusion import group_rows
+
+    def obj(name, groups, refs):
+        (tmp_path / name).mkdir()
+        record = {"groups": [{"views": [{"file": f"g{g}_v{v}.png"} for v in range(4)]}
+                             for g in range(groups)],
+                  "references": [{"file": f"r{r}.png"} for r in range(refs)]}
+        (tmp_path / name / "object.json").write_text(json.dumps(record))
+
+    obj("a", 1, 1)
+    obj("b", 2, 0)
+    pairs = SimpleNamespace(root=tmp_path, ids=["a", "b"],
+                            object_index=torch.tensor([0] * 5 + [1] * 8))
+    rows = group_rows(pairs, 4)
+    assert rows[:4] == [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1], [3, 0, 1, 2]]
+    assert rows[4] == [5, 6, 7, 8] and rows[8] == [9, 10, 11, 12] and rows[11] == [12, 9, 10, 11]
+    assert len(rows) == 12
+    with pytest.raises(InputError, match="not data.num_views=3"):
+        group_rows(pairs, 3)
+
+
+def test_a_views_conditioned_model_reads_a_group_of_embeddings(world, tmp_path):
+    """points.views=groups trains a model whose condition is the K views of a group; it
+    refuses a single embedding and samples from a group."""
+    from guidance.compress3d.pipeline import Compress3D
+
+    out = tmp_path / "views"
+    assert train_main(run_args(world, out, "points.views=groups", "data.num_views=4",
+                               "batch_size=2", "checkpoint_every=0")) == 0
+    model = Compress3D.load(out / "model")
+    assert model.views == 4 and model.record["views"]["views"] == 4
+    e = torch.nn.functional.normalize(torch.randn(1, 4, model.diffusion.config.cond_dim), dim=-1)
+    z, _ = model.diffusion.sample(e, 2, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (1, *model.diffusion.config.latent_shape) and torch.isfinite(z).all()
+    with pytest.raises(ValueError, match="4 embedding"):
+        model.diffusion.sample(e[:, 0], 2)
+    assert train_main(run_args(world, tmp_path / "x", "points.views=groups",
+                               "mode=points")) == 2

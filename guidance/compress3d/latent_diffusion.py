@@ -26,6 +26,10 @@ together), and sampling (DDIM, ``eta = 0``, trailing timesteps) mixes
 At training the latent model reads the **true** ``s`` of its target latent; at sampling it reads
 the prior's draw (the paper's two-stage inference).
 
+``cond_tokens: K > 1`` conditions both models on the embeddings of a group of K views
+``[B, K, D]`` instead of one picture (One-2-3-45++'s 3D prior conditioned on generated views):
+the prior reads them side by side, the latent denoiser as K condition tokens.
+
 Example::
 
     model = Compress3DDiffusion(LatentDiffusionConfig(latent_shape=(3, 4, 8, 8), cond_dim=64))
@@ -58,6 +62,9 @@ class LatentDiffusionConfig:
 
     latent_shape: List[int] = field(default_factory=lambda: [3, 4, 8, 8])  # [3, c, r, r]
     cond_dim: int = 64                 # the CLIP image embedding's size (set by the run)
+    # embeddings per condition: 1 (one picture, Compress3D) or K (the K views of a generated
+    # group, One-2-3-45++'s multi-view-conditioned 3D prior); e is [B, D] or [B, K, D]
+    cond_tokens: int = 1
     width: int = 128                   # latent denoiser: token width
     layers: int = 4                    # ... transformer layers
     heads: int = 4
@@ -72,7 +79,8 @@ class LatentDiffusionConfig:
         if len(shape) != 4 or shape[0] != 3 or min(shape) < 1:
             raise ConfigError(f"latent_shape: expected [3, c, r, r], got {shape}")
         self.latent_shape = shape
-        for key in ("cond_dim", "width", "layers", "heads", "prior_width", "prior_layers"):
+        for key in ("cond_dim", "cond_tokens", "width", "layers", "heads", "prior_width",
+                    "prior_layers"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.width % self.heads:
@@ -118,20 +126,33 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm(x) * (1 + scale) + shift)
 
 
+def condition_tokens(e: Tensor, tokens: int) -> Tensor:
+    """Embeddings [B, D] or [B, K, D] -> [B, K, D], checking K against the model's."""
+    if e.dim() == 2:
+        e = e[:, None]
+    if e.dim() != 3 or e.shape[1] != tokens:
+        raise ValueError(f"this model reads {tokens} embedding(s) per condition, [B, {tokens}, D]"
+                         f"; got {tuple(e.shape)}")
+    return e
+
+
 class ShapePriorNet(nn.Module):
-    """Denoiser of the shape embedding: (s_t [B, S], t [B], e [B, D]) -> v [B, S]."""
+    """Denoiser of the shape embedding: (s_t [B, S], t [B], e [B, D] or [B, K, D]) -> v [B, S];
+    the K embeddings are read side by side."""
 
     def __init__(self, c: LatentDiffusionConfig):
         super().__init__()
         w = c.prior_width
         self.time = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
-        self.cond = nn.Linear(c.cond_dim, w)
+        self.cond = nn.Linear(c.cond_tokens * c.cond_dim, w)
+        self.tokens = c.cond_tokens
         self.x_in = nn.Linear(c.shape_dim, w)
         self.blocks = nn.ModuleList(_Block(w) for _ in range(c.prior_layers))
         self.out = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, c.shape_dim))
         self.width = w
 
     def forward(self, x: Tensor, t: Tensor, e: Tensor) -> Tensor:
+        e = condition_tokens(e, self.tokens).flatten(1)
         cond = nn.functional.silu(self.time(timestep_embedding(t, self.width)) + self.cond(e))
         h = self.x_in(x)
         for block in self.blocks:
@@ -140,8 +161,9 @@ class ShapePriorNet(nn.Module):
 
 
 class TriplaneDenoiser(nn.Module):
-    """Denoiser of the triplane latent: (z_t [B, 3, c, r, r], t [B], e [B, D], s [B, S] or
-    None) -> v [B, 3, c, r, r]. Tokens: [time, e, (s), texels...]; pre-norm transformer."""
+    """Denoiser of the triplane latent: (z_t [B, 3, c, r, r], t [B], e [B, D] or [B, K, D],
+    s [B, S] or None) -> v [B, 3, c, r, r]. Tokens: [time, e_1..e_K, (s), texels...];
+    pre-norm transformer."""
 
     def __init__(self, c: LatentDiffusionConfig):
         super().__init__()
@@ -152,7 +174,8 @@ class TriplaneDenoiser(nn.Module):
         self.cond = nn.Linear(c.cond_dim, w)
         self.shape = nn.Linear(c.shape_dim, w) if c.shape_condition else None
         self.x_in = nn.Linear(ch, w)
-        self.pos = nn.Parameter(torch.randn(c.tokens + 2 + int(c.shape_condition), w) * 0.02)
+        self.pos = nn.Parameter(torch.randn(c.tokens + 1 + c.cond_tokens + int(c.shape_condition),
+                                            w) * 0.02)
         layer = nn.TransformerEncoderLayer(w, c.heads, 4 * w, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
@@ -165,13 +188,14 @@ class TriplaneDenoiser(nn.Module):
         b, three, ch, r, r2 = x.shape
         w = self.config.width
         tokens = self.x_in(x.permute(0, 1, 3, 4, 2).reshape(b, three * r * r2, ch))
-        cond = [self.time(timestep_embedding(t, w))[:, None], self.cond(e)[:, None]]
+        cond = [self.time(timestep_embedding(t, w))[:, None],
+                self.cond(condition_tokens(e, self.config.cond_tokens))]
         if self.shape is not None:
             if s is None:
                 raise ValueError("this latent model reads the shape embedding; pass s")
             cond.append(self.shape(s)[:, None])
         h = torch.cat(cond + [tokens], dim=1) + self.pos
-        h = self.out_norm(self.transformer(h))[:, len(cond):]
+        h = self.out_norm(self.transformer(h))[:, sum(c.shape[1] for c in cond):]
         v = self.x_out(h)                                                # [B, 3 r r, c]
         return v.reshape(b, three, r, r2, ch).permute(0, 1, 4, 2, 3)
 
@@ -228,7 +252,7 @@ class Compress3DDiffusion(nn.Module):
         b = latents.shape[0]
         z0, s0 = self.normalise(latents)
         keep = (torch.rand(b, generator=generator) >= cfg_dropout).float().to(device)
-        e = embeddings * keep[:, None]
+        e = embeddings * keep.reshape(b, *[1] * (embeddings.dim() - 1))
         out = {}
         for name, x0 in (("prior", s0), ("latent", z0)):
             t = torch.randint(0, self.config.timesteps, (b,), generator=generator)

@@ -31,18 +31,25 @@ from engine.errors import UserError
 
 AUTOENCODER_DIR = "autoencoder"
 CONDITIONER_DIR = "conditioner"
+#: how a multi-view-conditioned model's views are drawn (its config.json "views" overrides):
+#: the toy views recipe's group (isotropic3d-toy-views: 4 views 90 degrees apart at elevation
+#: 0, the first at the picture's camera; the best of 4 seeds by likeness to the picture)
+VIEWS_DEFAULTS = {"model": "models/toy/stage2", "views": 4, "candidates": 4, "steps": 30,
+                  "guidance_scale": 1.0, "elevation": 0.0, "fovy": 40.0}
 
 
 @dataclass
 class Generated:
     """One picture's result: the latent [3, c, r, r], the normalised shape embedding drawn by
     the prior (None for a model without shape conditioning), the mesh (a trimesh with vertex
-    colours, or None when the decoded field is empty) and seconds per part."""
+    colours, or None when the decoded field is empty), seconds per part and, for a
+    multi-view-conditioned model, the drawn views [K, S, S, 3]."""
 
     latent: Tensor
     shape: Optional[Tensor]
     mesh: object
     seconds: dict
+    views: Optional[Tensor] = None
 
 
 class DecodedField(nn.Module):
@@ -125,32 +132,69 @@ class Compress3D:
 
         return load_reference_image(path, self.image_size, self.object_fraction, log=log)
 
+    @property
+    def views(self) -> int:
+        """Pictures per condition: 1, or K for a model conditioned on a group of K views."""
+        return int(self.diffusion.config.cond_tokens)
+
+    def draw_views(self, image, seed: int = 0, views_model: Optional[str] = None) -> Tensor:
+        """The group of K views a multi-view model draws for the picture file ``image``, as
+        ``sampled-views`` draws it (:func:`guidance.multiview.sample.draw_best_group`; the
+        settings: :data:`VIEWS_DEFAULTS` updated by the folder's "views"): [K, S, S, 3] on
+        white, the first at the picture's camera."""
+        from engine.cameras import Cameras
+        from guidance.multiview.prior import MultiViewPrior
+        from guidance.multiview.sample import draw_best_group
+
+        v = {**VIEWS_DEFAULTS, **(self.record.get("views") or {})}
+        prior = MultiViewPrior.load(views_model or v["model"], device=self.device, dtype=None)
+        picture = self.picture(image)
+        cond, uncond = prior.contexts(picture, None, who="the Compress3D views")
+        az = torch.arange(self.views, dtype=torch.float32) * 360.0 / self.views
+        cams = Cameras.from_spherical(float(v["elevation"]), az, 1.0, float(v["fovy"]),
+                                      views_per_object=self.views)
+        rgb, _, _, _ = draw_best_group(prior, cond, uncond, prior.camera_vectors(cams, "mvdream"),
+                                       int(v["candidates"]), int(seed), int(v["steps"]),
+                                       float(v["guidance_scale"]), 0, picture)
+        return rgb.float().cpu()
+
+    def condition_pictures(self, image, seed: int = 0, views_model: Optional[str] = None
+                           ) -> Tensor:
+        """What the model is conditioned on for the picture file ``image``: the picture
+        [1, 3, S, S], or (a multi-view-conditioned model) its drawn views [1, K, 3, S, S]."""
+        if self.views == 1:
+            return self.picture(image).rgb.permute(2, 0, 1)[None]
+        return self.draw_views(image, seed, views_model).permute(0, 3, 1, 2)[None]
+
     @torch.no_grad()
     def latent(self, rgb: Tensor, seed: int = 0, steps: Optional[int] = None,
                guidance_scale: Optional[float] = None):
-        """Picture(s) [N, 3, H, W] in [0, 1] on white -> (latents [N, 3, c, r, r], normalised
-        shape embeddings [N, S] or None), seeded."""
-        e = self.encoder.embedding(rgb.to(self.device))
+        """Picture(s) [N, 3, H, W] (or groups of K views [N, K, 3, H, W]) in [0, 1] on white
+        -> (latents [N, 3, c, r, r], normalised shape embeddings [N, S] or None), seeded."""
+        e = self.encoder.embedding(rgb.reshape(-1, *rgb.shape[-3:]).to(self.device))
+        if rgb.dim() == 5:
+            e = e.reshape(rgb.shape[0], rgb.shape[1], -1)
         g = torch.Generator().manual_seed(int(seed))
         return self.diffusion.sample(e, steps or self.steps,
                                      self.guidance_scale if guidance_scale is None
                                      else guidance_scale, generator=g)
 
     def generate(self, image, seed: int = 0, steps: Optional[int] = None,
-                 guidance_scale: Optional[float] = None, resolution: int = 64) -> Generated:
+                 guidance_scale: Optional[float] = None, resolution: int = 64,
+                 views_model: Optional[str] = None) -> Generated:
         """A picture file -> :class:`Generated` (mesh by marching cubes at ``resolution``)."""
         from guidance.compress3d.autoencoder import decode_mesh
 
         t0 = time.perf_counter()
-        picture = self.picture(image)
-        rgb = picture.rgb.permute(2, 0, 1)[None]
+        rgb = self.condition_pictures(image, seed, views_model)
         t1 = time.perf_counter()
         latents, shapes = self.latent(rgb, seed, steps, guidance_scale)
         t2 = time.perf_counter()
         mesh = decode_mesh(self.autoencoder, latents[0].cpu(), resolution)
         t3 = time.perf_counter()
         return Generated(latents[0].cpu(), None if shapes is None else shapes[0].cpu(), mesh,
-                         {"picture": t1 - t0, "sample": t2 - t1, "decode": t3 - t2})
+                         {"picture": t1 - t0, "sample": t2 - t1, "decode": t3 - t2},
+                         rgb[0].permute(0, 2, 3, 1) if rgb.dim() == 5 else None)
 
     def field(self, latent: Tensor, level: float = 10.0, sharpness: float = 4.0) -> DecodedField:
         return DecodedField(self.autoencoder, latent, level, sharpness)
@@ -158,8 +202,9 @@ class Compress3D:
 
 def describe(model: Compress3D) -> str:
     c = model.diffusion.config
+    views = f", conditioned on {c.cond_tokens} drawn views" if c.cond_tokens > 1 else ""
     return (f"Compress3D {model.folder} (latent {c.latent_shape}, "
-            f"{'with' if c.shape_condition else 'without'} the shape embedding)")
+            f"{'with' if c.shape_condition else 'without'} the shape embedding{views})")
 
 
-__all__ = ["Compress3D", "DecodedField", "Generated", "describe"]
+__all__ = ["Compress3D", "DecodedField", "Generated", "describe", "VIEWS_DEFAULTS"]

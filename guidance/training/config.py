@@ -106,7 +106,9 @@ class PointsConfig:
     pool: int = 4096                     # surface samples per object (colours from the mesh)
     cloud_points: int = 0                # points per training cloud (0: the model's points),
                                          # drawn afresh from the pool at every step
-    views: str = "all"                   # all: every view is a picture | front: r0 only
+    views: str = "all"                   # all: every view is a picture | front: r0 only |
+                                         # groups (triplane-diffusion): a group of
+                                         # data.num_views views is one condition
     image_size: int = 64                 # pictures loaded as the engine loads its input
     object_fraction: float = 0.7         # ... re-centred, the object this much of the frame
     world_scale: float = 1.6             # engine units per cloud unit (toy objects: 0.8/0.5)
@@ -116,8 +118,8 @@ class PointsConfig:
     def __post_init__(self):
         if self.pool < 1 or self.cloud_points < 0:
             raise ConfigError("points.pool must be >= 1 and points.cloud_points >= 0")
-        if self.views not in ("all", "front"):
-            raise ConfigError(f"points.views: '{self.views}' is not all or front")
+        if self.views not in ("all", "front", "groups"):
+            raise ConfigError(f"points.views: '{self.views}' is not all, front or groups")
         if self.image_size < 16 or not 0 < self.object_fraction <= 1:
             raise ConfigError("points.image_size must be >= 16 and points.object_fraction in "
                               "(0, 1]")
@@ -278,6 +280,9 @@ class FinetuneConfig:
                                            or self.foreground_weight > 0):
             raise ConfigError("mode triplane-ae reads no picture and has no diffusion loss: "
                               "remove model.conditioner, loss_weighting and foreground_weight")
+        if self.points.views == "groups" and self.mode != "triplane-diffusion":
+            raise ConfigError("points.views: groups (a group of views as one condition) is for "
+                              "mode triplane-diffusion; use all or front")
         if self.mode == "triplane-diffusion":
             if self.loss_weighting != "uniform" or self.foreground_weight > 0:
                 raise ConfigError("mode triplane-diffusion weighs its v-prediction loss "

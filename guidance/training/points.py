@@ -95,6 +95,7 @@ class ToyPointPairs(torch.utils.data.Dataset):
 
         root = Path(root)
         self.cloud_points = cloud_points
+        self.root = root
         self.ids = toy_world_ids(root, split)
         pools, pairs, pictures = [], [], []
         for i, oid in enumerate(self.ids):

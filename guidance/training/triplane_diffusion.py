@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from engine.errors import ConfigError, UserError
+from engine.errors import ConfigError, InputError, UserError
 from engine.seeding import derive_seed, step_seed
 from guidance.training.data import seeded_item_loader
 from guidance.training.loop import STAGE_INDEX, Trainer
@@ -74,14 +74,41 @@ def encode_pairs(pairs, autoencoder, seed: int, batch: int = 64, log=None) -> Te
     return torch.cat(out)
 
 
+def group_rows(pairs, views: int) -> List[List[int]]:
+    """The pair indices of every group of ``views`` views of ``pairs`` (ToyPointPairs of
+    ``views: all``: per object its groups' views in order, then its references), each group
+    in its ``views`` cyclic orders: view j first, then j + 1, ... Views of a toy-world group
+    are 360 / views degrees apart with rising azimuth, so each order is again a group whose
+    first view is the picture's camera (azimuth 0 after the turn), as a generated group is
+    drawn; the first pair's latent is the group's. A group of another size is one line."""
+    import json
+
+    rows: List[List[int]] = []
+    start = 0
+    for i, oid in enumerate(pairs.ids):
+        record = json.loads((Path(pairs.root) / oid / "object.json").read_text())
+        offset = start
+        for g, group in enumerate(record.get("groups", [])):
+            if len(group["views"]) != views:
+                raise InputError(f"{oid}: group {g} has {len(group['views'])} views, not "
+                                 f"data.num_views={views}")
+            for j in range(views):
+                rows.append([offset + (j + k) % views for k in range(views)])
+            offset += views
+        start += int((pairs.object_index == i).sum())
+    if not rows:
+        raise InputError(f"points.views: groups, but {pairs.root} has no groups of views")
+    return rows
+
+
 def latent_options(cfg) -> Tuple[dict, dict]:
     """model.latent split into (the trainer's own keys, the diffusion's sizes)."""
     latent = dict(cfg.model.latent)
     own = {k: latent.pop(k) for k in OWN_KEYS if k in latent}
-    for key in ("cond_dim", "latent_shape"):
+    for key in ("cond_dim", "cond_tokens", "latent_shape"):
         if key in latent:
-            raise ConfigError(f"model.latent.{key}: set by the run (the conditioner's embedding "
-                              "and the autoencoder's latent)")
+            raise ConfigError(f"model.latent.{key}: set by the run (the conditioner's embedding, "
+                              "points.views / data.num_views and the autoencoder's latent)")
     prior_weight = own.get("prior_weight", 1.0)
     if not isinstance(prior_weight, (int, float)) or prior_weight < 0:
         raise ConfigError(f"model.latent.prior_weight: must be a number >= 0, got "
@@ -136,9 +163,10 @@ class TriplaneDiffusionTrainer(Trainer):
                             "model.conditioner.pretrained)")
         self.encoder = PointImageEncoder.load(spec, "model.conditioner.model")
         self.encoder.to(self.device)
+        self.tokens = self.cfg.data.num_views if self.cfg.points.views == "groups" else 1
         if m.init == "random":
             config = validate(LatentDiffusionConfig, {
-                **sizes, "cond_dim": self.encoder.embed_dim,
+                **sizes, "cond_dim": self.encoder.embed_dim, "cond_tokens": self.tokens,
                 "latent_shape": list(self.autoencoder.config.latent_shape)}, "model.latent.")
             state = torch.random.get_rng_state()
             try:
@@ -149,6 +177,10 @@ class TriplaneDiffusionTrainer(Trainer):
         else:
             model = Compress3DDiffusion.from_pretrained(init, "model.init")
         c = model.config
+        if c.cond_tokens != self.tokens:
+            raise UserError(f"model.init: {m.init} reads {c.cond_tokens} embedding(s) per "
+                            f"condition; points.views={self.cfg.points.views} with "
+                            f"data.num_views={self.cfg.data.num_views} gives {self.tokens}")
         if c.cond_dim != self.encoder.embed_dim or \
                 list(c.latent_shape) != list(self.autoencoder.config.latent_shape):
             raise UserError(f"model.init: {m.init} reads {c.cond_dim}-d embeddings and "
@@ -165,13 +197,16 @@ class TriplaneDiffusionTrainer(Trainer):
 
         p = self.cfg.points
         log = (lambda s: print(s, file=sys.stderr, flush=True))
+        views = "all" if p.views == "groups" else p.views
         pairs = ToyPointPairs(self.cfg.data.root, self.cfg.data.split, self.encoder, p.pool,
-                              p.cloud_points or DEFAULT_CLOUD_POINTS, p.views, p.image_size,
+                              p.cloud_points or DEFAULT_CLOUD_POINTS, views, p.image_size,
                               p.object_fraction, world_scale=1.0, seed=self.cfg.seed, log=log)
         latents = encode_pairs(pairs, self.autoencoder, self.cfg.seed, log=log).cpu()
         self.diffusion.set_statistics(latents)
-        self.pictures = pairs.pictures
-        return EncodedPairs(latents, pairs.embeddings)
+        if p.views != "groups":
+            return EncodedPairs(latents, pairs.embeddings)
+        rows = torch.tensor(group_rows(pairs, self.tokens))              # [G, K]
+        return EncodedPairs(latents[rows[:, 0]], pairs.embeddings[rows])
 
     def make_loader(self) -> torch.utils.data.DataLoader:
         cfg = self.cfg
@@ -189,7 +224,7 @@ class TriplaneDiffusionTrainer(Trainer):
         return {"model": self.diffusion}
 
     def write_model(self, module: torch.nn.Module, folder: Path, step: int) -> None:
-        from guidance.compress3d.pipeline import AUTOENCODER_DIR, CONDITIONER_DIR
+        from guidance.compress3d.pipeline import AUTOENCODER_DIR, CONDITIONER_DIR, VIEWS_DEFAULTS
         from guidance.multiview.openclip import save_openclip_folder
 
         p = self.cfg.points
@@ -204,6 +239,7 @@ class TriplaneDiffusionTrainer(Trainer):
             AUTOENCODER_DIR: AUTOENCODER_DIR, CONDITIONER_DIR: CONDITIONER_DIR,
             "input": {"image_size": p.image_size, "object_fraction": p.object_fraction},
             "sampler": {"steps": p.sample_steps, "guidance_scale": p.guidance_scale},
+            **({"views": dict(VIEWS_DEFAULTS, views=self.tokens)} if self.tokens > 1 else {}),
             "source": {"trained": self.cfg.recipe, "step": step, "data": self.cfg.data.root,
                        "split": self.cfg.data.split, "seed": self.cfg.seed}})
 

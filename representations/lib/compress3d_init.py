@@ -81,7 +81,7 @@ def start_from_compress3d(rep, init: Compress3DInit, device=None, inputs=None, l
 
         t0 = time.perf_counter()
         model = Compress3D.load(init.model, key="compress3d.model")
-        rgb = model.picture(image).rgb.permute(2, 0, 1)[None]
+        rgb = model.condition_pictures(image, init.seed)   # the picture, or its drawn views
         latents, _ = model.latent(rgb, init.seed, init.steps or None,
                                   None if init.guidance_scale < 0 else init.guidance_scale)
         field = model.field(latents[0], rep.cfg.isosurface_threshold, init.sharpness)
