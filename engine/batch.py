@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -68,6 +68,8 @@ OWN_KEYS = {"image": "images=", "inputs.image": "images=", "out": "out=",
 #: exit codes of engine.run that are the run's own verdict (not a process that died)
 FINAL_CODES = (0, 1, 2, 3, 130)
 SUMMARY_JSON, SUMMARY_MD, LOGS = "batch.json", "batch.md", "logs"
+#: seconds a task Ray tried again waits for the lost try's run to let go of its folder
+LOST_RUN_WAIT = 30.0
 
 
 @dataclass
@@ -79,6 +81,9 @@ class Job:
     argv: List[str]         # engine.run items for a new run (recipe=, image=, out=, overrides)
     retries: int = 1
     cwd: str = field(default_factory=os.getcwd)
+    # Ray: this batch's id. Each try of the run writes "# batch TOKEN: attempt N" to the
+    # log first, so a task Ray tries again (its worker was lost) counts on from there
+    token: str = ""
 
 
 @dataclass
@@ -240,21 +245,74 @@ def _last_error(log: Path) -> str:
     return ""
 
 
-def run_job(job: Job, env: Optional[Dict[str, str]] = None) -> Result:
+def _attempts_before(log: Path, token: str) -> int:
+    """How many tries of this batch (``token``) the log records: a Ray task tried again
+    after its worker died counts on from them."""
+    if not token:
+        return 0
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return 0
+    mark = f"# batch {token}: attempt "
+    return sum(line.startswith(mark) for line in text.splitlines())
+
+
+def _die_with_parent():
+    """A ``preexec_fn`` (Linux) that has the run's process SIGKILLed when the process that
+    started it dies, so a run does not outlive a lost Ray worker (it would hold its folder's
+    lock while Ray tries the task again). libc's ``prctl`` is looked up here, before the
+    fork, so the child only calls it; None where it is not available."""
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGKILL))          # PR_SET_PDEATHSIG
+        if os.getppid() != parent:             # the parent died before that: go too
+            os._exit(137)
+
+    return preexec
+
+
+def run_job(job: Job, env: Optional[Dict[str, str]] = None,
+            die_with_parent: bool = False) -> Result:
     """Run (or resume, or skip) one picture's run; the decision is made here, when the run
-    starts, so a task that is tried again (a lost worker) resumes what the first try did."""
+    starts, so a task that is tried again (a lost worker) resumes what the first try did.
+    ``die_with_parent``: the run's process is killed when this process dies (Linux; the Ray
+    backend: a lost worker takes its run with it)."""
     start = time.time()
     run_dir, log = Path(job.run_dir), Path(job.log)
+    before = _attempts_before(log, job.token)
     state = _state(run_dir)
+    if before:
+        # Ray tries the task again as soon as it learns its worker died; the run's process
+        # (killed with it) may not be gone (reaped) yet: give it a moment to let go
+        deadline = time.time() + LOST_RUN_WAIT
+        while state.startswith("busy:") and time.time() < deadline:
+            time.sleep(0.2)
+            state = _state(run_dir)
     if state == "finished":
         return Result(job.image, "skipped", 0.0, job.run_dir, "finished before")
     if state.startswith("busy:"):
         return Result(job.image, "failed", 0.0, job.run_dir, "",
                       f"the run folder is in use by process {state[5:]}")
     how = {"new": "new", "resumable": "resumed", "restart": "restarted"}[state]
-    code, attempts = None, 0
+    code = None
     full_env = dict(os.environ, **(env or {}))
     log.parent.mkdir(parents=True, exist_ok=True)
+    attempts = before
+    if before:
+        with open(log, "a") as f:
+            f.write(f"# the worker running attempt {before} was lost; Ray tried the task "
+                    "again\n")
+    preexec = _die_with_parent() if die_with_parent and sys.platform.startswith("linux") \
+        else None
     while True:
         attempts += 1
         state = _state(run_dir)
@@ -262,12 +320,15 @@ def run_job(job: Job, env: Optional[Dict[str, str]] = None) -> Result:
             shutil.rmtree(run_dir)
         items = [f"resume={run_dir}"] if state == "resumable" else job.argv
         with open(log, "a") as f:
+            if job.token:
+                f.write(f"# batch {job.token}: attempt {attempts}\n")
             f.write(f"$ python -m engine.run {' '.join(items)}\n")
             f.flush()
             cwd = job.cwd if os.path.isdir(job.cwd) else None   # (another Ray node)
             code = subprocess.call([sys.executable, "-m", "engine.run", *items], cwd=cwd,
-                                   stdout=f, stderr=subprocess.STDOUT, env=full_env)
-        if code in FINAL_CODES or attempts > job.retries:
+                                   stdout=f, stderr=subprocess.STDOUT, env=full_env,
+                                   preexec_fn=preexec)
+        if code in FINAL_CODES or attempts > job.retries:   # (this batch's tries in all)
             break
         with open(log, "a") as f:
             f.write(f"# the run's process died (exit code {code}); trying again\n")
@@ -339,7 +400,8 @@ def run_ray(jobs: List[Job], workers: int, address: Optional[str], retries: int,
         gpus = ray.cluster_resources().get("GPU", 0)
         resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         task = ray.remote(max_retries=retries, **resources)(_ray_task)
-        pending = {task.remote(job): job for job in jobs}
+        token = f"{os.getpid()}-{time.time_ns()}"
+        pending = {task.remote(replace(job, token=token)): job for job in jobs}
         results: Dict[str, Result] = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -360,7 +422,7 @@ def run_ray(jobs: List[Job], workers: int, address: Optional[str], retries: int,
 
 
 def _ray_task(job: Job) -> dict:
-    return asdict(run_job(job))
+    return asdict(run_job(job, die_with_parent=True))
 
 
 # -- summary ---------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class OutputConfig:
     live_view_host: str = "127.0.0.1"    # its address (0.0.0.0: every interface)
     live_view_refresh: float = 1.0       # seconds between frames (and at most 4% of the time)
     live_view_size: int = 128            # frame height in pixels
+    results_page: bool = True            # RUN/results.html after the export (engine/results_page.py)
 
     def __post_init__(self):
         from engine.experiment_log import wandb_installed, wandb_missing

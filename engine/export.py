@@ -24,6 +24,7 @@ back (``engine.evaluate`` does), so scores do not depend on it. The GLB carries 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -52,6 +53,10 @@ class TurntableConfig:
     fovy: float = 40.0               # degrees
     fps: int = 24
     formats: List[str] = field(default_factory=lambda: ["mp4", "gif"])
+    # also a normal-shaded orbit (the same cameras) to turntable-normals.FORMAT: camera-space
+    # normals as colours (right: red, up: green, towards the viewer: blue) over white. Needs
+    # a representation whose render() returns "normal"; others skip it with a warning
+    normals: bool = False
 
     def __post_init__(self):
         if self.frames < 1:
@@ -397,6 +402,52 @@ def _rep_device(rep) -> torch.device:
 # turntable
 # ---------------------------------------------------------------------------------------
 
+#: the normal-shaded turntable's file stem suffix: turntable-normals.mp4 / .gif
+NORMALS_SUFFIX = "-normals"
+
+
+def shade_normals(normal: Tensor, opacity: Tensor, c2w: Tensor) -> Tensor:
+    """Camera-space normals as colours over white: [B, H, W, 3] in [0, 1].
+
+    Args:
+        normal: [B, H, W, 3] world-space normals (a volume's composited ones may be shorter
+            than 1; they are normalised); opacity: [B, H, W, 1]; c2w: [B, 4, 4] OpenGL axes.
+    Returns:
+        ``opacity * (n_cam * 0.5 + 0.5) + (1 - opacity)``, n_cam = (right, up, towards the
+        camera) components: a surface facing the viewer is (0.5, 0.5, 1), one facing the
+        frame's right (1, 0.5, 0.5), one facing up (0.5, 1, 0.5).
+    """
+    rot = c2w[:, :3, :3].to(normal.dtype)                  # columns: right, up, back
+    cam = torch.einsum("bji,bhwj->bhwi", rot, normal)      # R^T n
+    cam = Fn.normalize(cam, dim=-1, eps=1e-8)
+    a = opacity.clamp(0.0, 1.0).to(normal.dtype)
+    return a * (cam * 0.5 + 0.5) + (1.0 - a)
+
+
+def _write_video(video: np.ndarray, out: Path, stem: str, tt: TurntableConfig,
+                 prefix: str = "") -> Dict[str, str]:
+    import imageio.v2 as imageio_v2
+    import imageio.v3 as iio
+
+    written: Dict[str, str] = {}
+    if "gif" in tt.formats:
+        path = out / f"{stem}.gif"
+        atomic_write(path, lambda tmp: iio.imwrite(tmp, video, duration=1000.0 / tt.fps,
+                                                   loop=0))
+        written[f"{prefix}gif"] = str(path)
+    if "mp4" in tt.formats:
+        path = out / f"{stem}.mp4"
+        atomic_write(path, lambda tmp: imageio_v2.mimwrite(
+            tmp, list(video), fps=tt.fps, codec="libx264", quality=8, macro_block_size=2,
+            pixelformat="yuv420p"))
+        written[f"{prefix}mp4"] = str(path)
+    return written
+
+
+def _to_uint8(images: Tensor) -> Tensor:
+    return (images.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu()
+
+
 def render_turntable(rep, out_dir, cfg: ExportConfig, background,
                      device: Optional[torch.device] = None, batch: int = 4,
                      stem: str = "turntable") -> Dict[str, str]:
@@ -404,11 +455,11 @@ def render_turntable(rep, out_dir, cfg: ExportConfig, background,
 
     The representation is rendered in eval mode under ``torch.no_grad()``; ``background``
     is a Background module. Returns {"mp4": path, "gif": path} for the formats written
-    (empty when the turntable is disabled).
+    (empty when the turntable is disabled); with ``turntable.normals`` also
+    {"normals-mp4": ..., "normals-gif": ...} (``STEM-normals.FORMAT``, see
+    :func:`shade_normals`), unless the representation renders no ``normal`` (a warning on
+    stderr then, and no normals files).
     """
-    import imageio.v2 as imageio_v2
-    import imageio.v3 as iio
-
     tt = cfg.turntable
     if not tt.enabled:
         return {}
@@ -420,28 +471,29 @@ def render_turntable(rep, out_dir, cfg: ExportConfig, background,
     modes = rep.training, background.training
     rep.eval()
     background.eval()
-    frames = []
+    frames, normal_frames = [], []
+    want_normals = tt.normals
     try:
         with torch.no_grad():
             for i in range(0, tt.frames, batch):
                 idx = list(range(i, min(i + batch, tt.frames)))
-                rgb = rep.render(cams[idx], tt.size, tt.size, background=background,
-                                 step=step)["rgb"]
-                frames.append((rgb.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu())
+                result = rep.render(cams[idx], tt.size, tt.size, background=background,
+                                    step=step)
+                frames.append(_to_uint8(result["rgb"]))
+                if want_normals and "normal" not in result:
+                    print(f"warning: export.turntable.normals: {type(rep).__name__}.render() "
+                          "returns no normals; the normal-shaded turntable is not written",
+                          file=sys.stderr)
+                    want_normals = False
+                if want_normals:
+                    normal_frames.append(_to_uint8(shade_normals(
+                        result["normal"].float(), result["opacity"].float(),
+                        cams[idx].c2w.float())))
     finally:
         rep.train(modes[0])
         background.train(modes[1])
-    video = torch.cat(frames).numpy()
-    written: Dict[str, str] = {}
-    if "gif" in tt.formats:
-        path = out / f"{stem}.gif"
-        atomic_write(path, lambda tmp: iio.imwrite(tmp, video, duration=1000.0 / tt.fps,
-                                                   loop=0))
-        written["gif"] = str(path)
-    if "mp4" in tt.formats:
-        path = out / f"{stem}.mp4"
-        atomic_write(path, lambda tmp: imageio_v2.mimwrite(
-            tmp, list(video), fps=tt.fps, codec="libx264", quality=8, macro_block_size=2,
-            pixelformat="yuv420p"))
-        written["mp4"] = str(path)
+    written = _write_video(torch.cat(frames).numpy(), out, stem, tt)
+    if want_normals:
+        written.update(_write_video(torch.cat(normal_frames).numpy(), out,
+                                    stem + NORMALS_SUFFIX, tt, prefix="normals-"))
     return written

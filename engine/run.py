@@ -258,6 +258,8 @@ def _train(cfg, resolved, device, inputs, resume_ckpt, saved=None) -> int:
         if cfg.export is not None:
             for kind, path in _export(cfg, trainer, run_dir, device).items():
                 print(f"{kind}: {path}")
+        if cfg.output.results_page:
+            _results_page(run_dir)
     print(f"output: {run_dir}")
     return 0
 
@@ -288,6 +290,18 @@ def _export(cfg, trainer, run_dir: Path, device) -> dict:
         raise UserError(f"export failed: {exc}. Training is saved; fix the export settings and "
                         f"run python -m engine.run resume={run_dir} to export again") from None
     return paths
+
+
+def _results_page(run_dir: Path) -> None:
+    """RUN/results.html (engine/results_page.py). The run's work is done and saved: a page
+    that cannot be written is a warning, not a failed run."""
+    from engine.results_page import write_results_page
+
+    try:
+        print(f"results page: {write_results_page(run_dir)}")
+    except Exception as exc:      # noqa: BLE001 - never fail a finished run over its page
+        print(f"warning: the results page was not written ({type(exc).__name__}: {exc}); "
+              f"write it with python -m engine.results_page {run_dir}", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

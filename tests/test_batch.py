@@ -32,10 +32,13 @@ TINY = ["stages.fit.steps=8", "stages.fit.resolution=16",
         "export.decimate_faces=0", "export.turntable.enabled=false"]
 
 
-def _pictures(folder: Path) -> Path:
+PICTURES = [("red", (220, 40, 30), (10, 40, 5, 25)), ("blue", (30, 60, 220), (20, 50, 30, 50)),
+            ("green", (40, 200, 60), (15, 45, 20, 44))]
+
+
+def _pictures(folder: Path, count: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, colour, (r0, r1, c0, c1) in [("red", (220, 40, 30), (10, 40, 5, 25)),
-                                           ("blue", (30, 60, 220), (20, 50, 30, 50))]:
+    for name, colour, (r0, r1, c0, c1) in PICTURES[:count]:
         a = np.zeros((64, 64, 4), np.uint8)
         a[r0:r1, c0:c1] = (*colour, 255)
         Image.fromarray(a).save(folder / f"{name}.png")
@@ -273,22 +276,96 @@ def test_is_finished_follows_the_runs_export_settings(tmp_path):
 
 # -- Ray ------------------------------------------------------------------------------------
 
+def _ray_batch(pics: Path, out: Path, extra, timeout=300):
+    return subprocess.run([sys.executable, "-m", "engine.batch", "recipe=fit-image",
+                           f"images={pics}/*.png", f"out={out}", "backend=ray", "workers=2",
+                           "system.threads=1", *extra], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
 @pytest.mark.slow
 def test_the_ray_backend_runs_a_task_per_picture(tmp_path):
-    """A local Ray cluster with one CPU (about 45 s on 2 busy cores, most of it Ray
-    starting)."""
+    """A local Ray cluster the batch starts with 2 CPUs (two workers), 3 pictures (about
+    45 s on 2 busy cores, most of it Ray starting)."""
     pytest.importorskip("ray",
                         reason='ray is not installed (pip install "distill-engine[batch]")')
-    pics = _pictures(tmp_path / "pics")
+    pics = _pictures(tmp_path / "pics", 3)
     out = tmp_path / "out"
     fast = [o for o in TINY if not o.startswith("export")] + ["export=null"]
-    proc = subprocess.run([sys.executable, "-m", "engine.batch", "recipe=fit-image",
-                           f"images={pics}/*.png", f"out={out}", "backend=ray", "workers=1",
-                           *fast], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = _ray_batch(pics, out, fast)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs, data = _summary(out)
-    assert {n: r["status"] for n, r in runs.items()} == {"red": "done", "blue": "done"}
-    assert data["backend"] == "ray"
-    for name in ("red", "blue"):
+    assert {n: (r["status"], r["attempts"]) for n, r in runs.items()} == \
+        {"red": ("done", 1), "blue": ("done", 1), "green": ("done", 1)}
+    assert data["backend"] == "ray" and data["workers"] == 2
+    assert "backend ray, 2 workers" in proc.stdout
+    for name in ("red", "blue", "green"):
         assert [rec["step"] for rec in _records(out / name)] == list(range(8))
         assert batch.is_finished(out / name)
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert log.count(": attempt ") == 1 and "# batch " in log
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_killed_ray_worker_s_picture_is_tried_again_and_resumes(tmp_path):
+    """3 pictures on 2 Ray workers; once red's run has written its step-4 checkpoint the
+    Ray worker running it is killed (SIGKILL: a lost node or the OOM killer). Ray tries the
+    task again (max_retries=retries=1) on a new worker, which resumes the run from that
+    checkpoint; the run's own process went with its worker. All 3 finish, red in 2
+    attempts, every step logged once (about 60 s)."""
+    pytest.importorskip("ray",
+                        reason='ray is not installed (pip install "distill-engine[batch]")')
+    pics = _pictures(tmp_path / "pics", 3)
+    out = tmp_path / "out"
+    run_dir = out / "red"
+    killed = {}
+
+    def killer():
+        end = time.time() + 240
+        ckpt = run_dir / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 4)
+        while time.time() < end and not killed:
+            lock = run_dir / "run.lock"
+            if ckpt.is_file() and lock.is_file():
+                try:
+                    run_pid = int(lock.read_text().split()[0])
+                    worker = _parent(run_pid)
+                    cmdline = Path(f"/proc/{worker}/cmdline").read_bytes()
+                    os.kill(worker, signal.SIGKILL)
+                    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[:4]
+                    killed.update(run=run_pid, worker=worker, cmdline=cmdline, lines=lines)
+                except (ValueError, IndexError, OSError):
+                    pass
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    slow = [o if not o.startswith("stages.fit.steps=") else "stages.fit.steps=200"
+            for o in TINY if not o.startswith("export")] + ["export=null"]
+    proc = _ray_batch(pics, out, slow)
+    thread.join(timeout=5)
+    assert killed, "red's run finished before its worker could be killed"
+    assert b"ray" in killed["cmdline"].lower(), killed["cmdline"]   # a Ray worker process
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs, data = _summary(out)
+    assert {n: r["status"] for n, r in runs.items()} == \
+        {"red": "done", "blue": "done", "green": "done"}
+    assert data["counts"]["done"] == 3
+    assert runs["red"]["attempts"] == 2 and runs["red"]["how"] == "resumed"
+    assert runs["blue"]["attempts"] == 1 and runs["green"]["attempts"] == 1
+    # the run's process died with its worker (it would hold run.lock otherwise)
+    assert not Path(f"/proc/{killed['run']}").exists() or \
+        "Z" in Path(f"/proc/{killed['run']}/stat").read_text().split(")")[1][:3]
+    log = (run_dir.parent / "logs" / "red.log").read_text()
+    assert "# the worker running attempt 1 was lost; Ray tried the task again" in log
+    assert f"$ python -m engine.run resume={run_dir.resolve()}" in log
+    # resumed from a checkpoint, not trained again from step 0: the records of the steps
+    # before it are those the first try wrote (their times would differ), every step once
+    steps = [rec["step"] for rec in _records(run_dir)]
+    assert steps == list(range(200))
+    assert (run_dir / "metrics.jsonl").read_text().splitlines()[:4] == killed["lines"]

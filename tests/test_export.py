@@ -9,6 +9,7 @@ import torch
 import trimesh
 from torch import nn
 
+from engine.cameras import orbit
 from engine.config import validate
 from engine.errors import ConfigError
 from engine.export import (ENGINE_TO_Y_UP, ExportConfig, TurntableConfig, bake_texture, dilate,
@@ -217,6 +218,72 @@ def test_turntable_writes_gif_and_mp4_with_the_frame_count(tmp_path):
     assert gif[0, 0, 0, :3].min() > 240 and gif[0, 16, 16, :3].min() < 200
     off = ExportConfig(turntable=TurntableConfig(enabled=False))
     assert render_turntable(rep, tmp_path / "off", off, SolidBackground()) == {}
+
+
+def test_the_normal_pass_writes_camera_space_normals_of_a_sphere(tmp_path):
+    """turntable.normals: turntable-normals.gif / .mp4 beside the colour ones, the same
+    frames, but shaded by the camera-space normal: a sphere's centre faces the viewer
+    (blue), its right edge points right (red), its top points up (green)."""
+    size, frames = 64, 4
+    cfg = ExportConfig(turntable=TurntableConfig(frames=frames, size=size, fps=4,
+                                                 normals=True))
+    rep = StubRep(colour=red_blue, floater=False)
+    paths = render_turntable(rep, tmp_path, cfg, SolidBackground(), device="cpu")
+    assert set(paths) == {"gif", "mp4", "normals-gif", "normals-mp4"}
+    assert paths["normals-gif"] == str(tmp_path / "turntable-normals.gif")
+    colour = iio.imread(paths["gif"], index=None)[..., :3].astype(int)
+    normals = iio.imread(paths["normals-gif"], index=None)[..., :3].astype(int)
+    assert normals.shape == colour.shape == (frames, size, size, 3)
+    reader = imageio_v2.get_reader(paths["normals-mp4"])
+    assert reader.count_frames() == frames
+    reader.close()
+    # a different picture: the colour pass is red/blue albedo, this one normals
+    assert np.abs(normals - colour).mean() > 30
+    # the decoded colours are the sphere's normals (ray-sphere intersections, radius 0.6)
+    # in camera space, within the icosphere's facets and the GIF palette
+    cams = orbit(frames, 15.0, 2.5, 40.0)
+    origins, dirs = cams.rays(size, size)
+    b = (origins * dirs).sum(-1)
+    disc = b ** 2 - ((origins ** 2).sum(-1) - 0.6 ** 2)
+    inside = disc > 0.6 ** 2 * 0.2 ** 2           # off the rim: antialiasing mixes in white
+    t = -b - disc.clamp_min(0).sqrt()
+    world = (origins + t[..., None] * dirs) / 0.6
+    expected = torch.einsum("bji,bhwj->bhwi", cams.c2w[:, :3, :3], world)
+    decoded = torch.nn.functional.normalize(torch.tensor(normals / 255.0 * 2 - 1).float(),
+                                            dim=-1)
+    cos = (decoded * expected).sum(-1)[inside]
+    assert inside.sum() > frames * 400
+    assert cos.min() > np.cos(np.radians(12)) and cos.mean() > np.cos(np.radians(4))
+    # and the way a person reads it: the centre faces the viewer (blue), the right edge
+    # points right (red), the top up (green); white where there is no object
+    c, r = size // 2, 16
+    for f in range(frames):
+        assert normals[f, c, c, 2] > 240
+        assert normals[f, c, c + r, 0] > 190 and normals[f, c, c - r, 0] < 65
+        assert normals[f, c - r, c, 1] > 190 and normals[f, c + r, c, 1] < 65
+        assert normals[f, 0, 0].min() > 250
+    # the pictures of the colour pass are those of the turntable without normals
+    plain = render_turntable(rep, tmp_path / "plain", ExportConfig(
+        turntable=TurntableConfig(frames=frames, size=size, fps=4)), SolidBackground(),
+        device="cpu")
+    assert set(plain) == {"gif", "mp4"}
+    assert np.array_equal(iio.imread(plain["gif"], index=None)[..., :3].astype(int), colour)
+
+
+def test_the_normal_pass_is_skipped_with_a_warning_without_normals(tmp_path, capsys):
+    class NoNormals(StubRep):
+        def render(self, cameras, height, width, *, background, step):
+            out = super().render(cameras, height, width, background=background, step=step)
+            return {"rgb": out["rgb"], "opacity": out["opacity"]}
+
+    cfg = ExportConfig(turntable=TurntableConfig(frames=2, size=16, formats=["gif"],
+                                                 normals=True))
+    paths = render_turntable(NoNormals(floater=False), tmp_path, cfg, SolidBackground(),
+                             device="cpu")
+    assert set(paths) == {"gif"}
+    assert not (tmp_path / "turntable-normals.gif").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("warning: export.turntable.normals: NoNormals.render() returns no")
 
 
 def test_config_validation_names_the_field():
