@@ -183,7 +183,7 @@ class Triplane(Representation):
         if cfg.init == "compress3d":
             from representations.lib.compress3d_init import start_from_compress3d
 
-            start_from_compress3d(self, cfg.compress3d, device, inputs)
+            start_from_compress3d(self, cfg.compress3d, distill, device, inputs)
 
     @classmethod
     def preflight(cls, cfg, key: str) -> None:

@@ -4,7 +4,7 @@ Four kinds of code, told apart by where they live:
 
 * core: the modules directly in ``engine/`` (and ``engine/resources``);
 * libraries: ``representations/lib/``, ``guidance/multiview/``, ``guidance/pointcloud/``,
-  ``engine/datasets/mvdataset.py``;
+  ``guidance/compress3d/``, ``engine/datasets/mvdataset.py``;
 * plugins: the modules directly in ``representations/`` and ``guidance/`` (registered classes);
 * tools: ``engine/evaluate/``, ``engine/datasets/toy_world.py``, ``guidance/training/``,
   ``benchmarks/``.
@@ -53,7 +53,7 @@ def kind_of(module: str) -> Optional[str]:
     if top in ("representations", "guidance"):
         if len(parts) == 1:
             return None
-        if parts[1] in ("lib", "multiview", "pointcloud"):
+        if parts[1] in ("lib", "multiview", "pointcloud", "compress3d"):
             return "library"
         if parts[1] == "training":
             return "tool"

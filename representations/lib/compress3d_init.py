@@ -62,9 +62,11 @@ def as_init(value) -> Compress3DInit:
 _CACHE: dict = {}
 
 
-def start_from_compress3d(rep, init: Compress3DInit, device=None, inputs=None, log=None) -> None:
+def start_from_compress3d(rep, init: Compress3DInit, distill, device=None, inputs=None,
+                          log=None) -> None:
     """Distil ``rep`` (a :class:`representations.triplane.Triplane`) to the field Compress3D
-    draws for the picture; see the module doc."""
+    draws for the picture with ``distill(rep, field, rep.cfg.distill)`` (the triplane's own
+    distillation, passed in: a library does not import a plugin); see the module doc."""
     from guidance.compress3d.pipeline import Compress3D, describe
 
     log = log or (lambda s: print(s, file=sys.stderr))
@@ -77,8 +79,6 @@ def start_from_compress3d(rep, init: Compress3DInit, device=None, inputs=None, l
            repr(rep.cfg), str(device))
     if key not in _CACHE:
         _CACHE.clear()
-        from representations.triplane import distill
-
         t0 = time.perf_counter()
         model = Compress3D.load(init.model, key="compress3d.model")
         rgb = model.condition_pictures(image, init.seed)   # the picture, or its drawn views
