@@ -276,7 +276,7 @@ def test_is_finished_follows_the_runs_export_settings(tmp_path):
 
 # -- Ray ------------------------------------------------------------------------------------
 
-def _ray_batch(pics: Path, out: Path, extra, timeout=300):
+def _ray_batch(pics: Path, out: Path, extra, timeout=900):
     return subprocess.run([sys.executable, "-m", "engine.batch", "recipe=fit-image",
                            f"images={pics}/*.png", f"out={out}", "backend=ray", "workers=2",
                            "system.threads=1", *extra], cwd=ROOT, capture_output=True,
@@ -327,7 +327,7 @@ def test_a_killed_ray_worker_s_picture_is_tried_again_and_resumes(tmp_path):
     killed = {}
 
     def killer():
-        end = time.time() + 240
+        end = time.time() + 850
         ckpt = run_dir / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 4)
         while time.time() < end and not killed:
             lock = run_dir / "run.lock"
