@@ -36,7 +36,7 @@ from engine.seeding import step_generator
 from engine.trainer import Interrupted, StopFlag
 from guidance.training.average import WeightAverage
 from guidance.training.config import FinetuneConfig
-from guidance.training.data import load_dataset, step_loader
+from guidance.training.data import load_dataset, seeded_item_loader, step_loader
 
 #: the stage index of a fine-tuning run in the engine's seeding scheme (one stage)
 STAGE_INDEX = 0
@@ -279,3 +279,14 @@ class Trainer:
         log.write(record)
         print(f"[{self.mode}] step {step}/{self.cfg.steps} loss {record['loss']:.4f} "
               f"lr {lr:.2e} ({elapsed:.0f} s)", flush=True)
+
+
+class ItemTrainer(Trainer):
+    """A trainer whose dataset is a plain indexed one (pairs, shapes) rather than the
+    multi-view dataset: seeded batches of items (:func:`guidance.training.data.seeded_item_loader`)."""
+
+    def make_loader(self) -> torch.utils.data.DataLoader:
+        cfg = self.cfg
+        return seeded_item_loader(self.dataset, cfg.batch_size, cfg.seed, self.start_step,
+                                  cfg.steps, self.accelerator.num_processes,
+                                  cfg.data.num_workers)

@@ -39,8 +39,8 @@ from torch import Tensor
 from engine.errors import ConfigError, InputError, UserError
 from engine.seeding import derive_seed, step_seed
 from guidance.training.config import FinetuneConfig
-from guidance.training.data import seeded_item_loader, toy_world_ids
-from guidance.training.loop import STAGE_INDEX, Trainer
+from guidance.training.data import toy_world_ids
+from guidance.training.loop import STAGE_INDEX, ItemTrainer
 
 #: model sizes for init random when model.point leaves them out (a toy-sized image-vec model)
 DEFAULT_POINT_MODEL = dict(width=128, layers=4, heads=2, points=512)
@@ -189,7 +189,7 @@ def build_point_model(cfg: FinetuneConfig, clip_dim: int, grid: Tuple[int, int] 
     return model
 
 
-class PointTrainer(Trainer):
+class PointTrainer(ItemTrainer):
     """Trains a Point-E image-vec model on toy-world (picture, cloud) pairs."""
 
     with_reference = False
@@ -227,12 +227,6 @@ class PointTrainer(Trainer):
                              p.image_size, p.object_fraction, p.world_scale, self.cfg.seed,
                              log=lambda s: print(s, file=sys.stderr, flush=True),
                              kind=self.trainable.config.kind)
-
-    def make_loader(self) -> torch.utils.data.DataLoader:
-        cfg = self.cfg
-        return seeded_item_loader(self.dataset, cfg.batch_size, cfg.seed, self.start_step,
-                                  cfg.steps, self.accelerator.num_processes,
-                                  cfg.data.num_workers)
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> Tuple[Tensor, dict]:
         """The release's loss (eps MSE + vb), the MSE of each row weighted by

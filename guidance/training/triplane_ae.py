@@ -36,8 +36,8 @@ from torch import Tensor
 
 from engine.errors import ConfigError, InputError
 from engine.seeding import derive_seed, step_seed
-from guidance.training.data import seeded_item_loader, toy_world_ids
-from guidance.training.loop import STAGE_INDEX, Trainer
+from guidance.training.data import toy_world_ids
+from guidance.training.loop import STAGE_INDEX, ItemTrainer
 
 
 def load_toy_shapes(root, split: Optional[str], pool: int, grid: int, bound: float,
@@ -142,7 +142,7 @@ def build_autoencoder(cfg):
     return model
 
 
-class TriplaneAETrainer(Trainer):
+class TriplaneAETrainer(ItemTrainer):
     """Trains the triplane autoencoder on a toy world's clouds (module doc)."""
 
     with_reference = False
@@ -156,12 +156,6 @@ class TriplaneAETrainer(Trainer):
         return ToyShapes(self.cfg.data.root, self.cfg.data.split, self.cfg.shapes,
                          self.autoencoder.config.bound, self.cfg.seed,
                          log=lambda s: print(s, file=sys.stderr, flush=True))
-
-    def make_loader(self) -> torch.utils.data.DataLoader:
-        cfg = self.cfg
-        return seeded_item_loader(self.dataset, cfg.batch_size, cfg.seed, self.start_step,
-                                  cfg.steps, self.accelerator.num_processes,
-                                  cfg.data.num_workers)
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> Tuple[Tensor, dict]:
         s, dev = self.cfg.shapes, self.device

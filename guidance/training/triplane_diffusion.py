@@ -36,8 +36,7 @@ from torch import Tensor
 
 from engine.errors import ConfigError, InputError, UserError
 from engine.seeding import derive_seed, step_seed
-from guidance.training.data import seeded_item_loader
-from guidance.training.loop import STAGE_INDEX, Trainer
+from guidance.training.loop import STAGE_INDEX, ItemTrainer
 
 #: model.latent keys the trainer reads itself (the rest are LatentDiffusionConfig sizes)
 OWN_KEYS = ("autoencoder", "prior_weight")
@@ -116,7 +115,7 @@ def latent_options(cfg) -> Tuple[dict, dict]:
     return own, latent
 
 
-class TriplaneDiffusionTrainer(Trainer):
+class TriplaneDiffusionTrainer(ItemTrainer):
     """Trains Compress3D's shape prior and latent diffusion on toy-world pairs."""
 
     with_reference = False
@@ -207,12 +206,6 @@ class TriplaneDiffusionTrainer(Trainer):
             return EncodedPairs(latents, pairs.embeddings)
         rows = torch.tensor(group_rows(pairs, self.tokens))              # [G, K]
         return EncodedPairs(latents[rows[:, 0]], pairs.embeddings[rows])
-
-    def make_loader(self) -> torch.utils.data.DataLoader:
-        cfg = self.cfg
-        return seeded_item_loader(self.dataset, cfg.batch_size, cfg.seed, self.start_step,
-                                  cfg.steps, self.accelerator.num_processes,
-                                  cfg.data.num_workers)
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> Tuple[Tensor, dict]:
         losses = self.net(batch["latent"].to(self.device), batch["embedding"].to(self.device),
