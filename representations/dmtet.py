@@ -132,6 +132,10 @@ class DMTet(Representation):
         color_layers: int = 1
         shading: ShadingConfig = field(default_factory=ShadingConfig)
         marching_backend: str = "auto"   # auto | torch | kaolin
+        # how a quad (2 corners in, 2 out) is cut in two: angle (the diagonal whose triangles
+        # have the larger smallest angle) | shorter | longer | fixed (the table's, as kaolin
+        # and threestudio); representations/lib/marching_tets.py
+        diagonal: str = "angle"
         raster_backend: str = "auto"     # auto | torch | nvdiffrast
 
         def __post_init__(self):
@@ -163,6 +167,9 @@ class DMTet(Representation):
             if self.marching_backend not in mt.BACKENDS:
                 raise ConfigError(f"marching_backend: '{self.marching_backend}' is not one of "
                                   f"{', '.join(mt.BACKENDS)}")
+            if self.diagonal not in mt.DIAGONALS:
+                raise ConfigError(f"diagonal: '{self.diagonal}' is not one of "
+                                  f"{', '.join(mt.DIAGONALS)}")
             if self.raster_backend not in rasterizer.BACKENDS:
                 raise ConfigError(f"raster_backend: '{self.raster_backend}' is not one of "
                                   f"{', '.join(rasterizer.BACKENDS)}")
@@ -221,7 +228,7 @@ class DMTet(Representation):
         # only the tets of cells the surface crosses: the same mesh, without the O(T) gather
         tets = self.tets[cut_cell_tets(self.sdf, self.cfg.resolution)]
         return mt.marching_tets(self.deformed_vertices(), tets, self.sdf,
-                                backend=self.cfg.marching_backend)
+                                backend=self.cfg.marching_backend, diagonal=self.cfg.diagonal)
 
     def _graph_zero(self) -> Tensor:
         """A zero connected to every geometry parameter, so an empty mesh still gives a loss

@@ -77,6 +77,37 @@ def test_registered_and_config_validation():
         validate(DMTet.Config, {"marching_backend": "cuda"})
     with pytest.raises(ConfigError, match="init_radius"):
         validate(DMTet.Config, {"init_radius": 1.5})
+    with pytest.raises(ConfigError, match="diagonal: 'long' is not one of angle"):
+        validate(DMTet.Config, {"diagonal": "long"})
+
+
+def test_diagonal_setting_reaches_marching_tets():
+    """The same surface cut by another diagonal rule: the same vertices, other triangles, and
+    the angle rule's smallest angle is at least the fixed table's."""
+    import numpy as np
+
+    def min_angles(verts, faces):
+        tri = verts[faces].double()
+        out = []
+        for i in range(3):
+            a, b, c = tri[:, i], tri[:, (i + 1) % 3], tri[:, (i + 2) % 3]
+            u, v = b - a, c - a
+            cos = (u * v).sum(-1) / (u.norm(dim=-1) * v.norm(dim=-1)).clamp_min(1e-12)
+            out.append(torch.rad2deg(torch.acos(cos.clamp(-1, 1))))
+        return torch.stack(out, -1).min(-1).values
+
+    meshes = {}
+    for rule in ("angle", "fixed"):
+        rep = DMTet(_cfg(resolution=16, init_radius=0.55, diagonal=rule))
+        with torch.no_grad():
+            rep.deformation.copy_(torch.randn(rep.deformation.shape,
+                                              generator=torch.Generator().manual_seed(0)))
+        meshes[rule] = rep.surface(0)
+    (va, fa), (vf, ff) = meshes["angle"], meshes["fixed"]
+    assert torch.allclose(va, vf) and fa.shape == ff.shape
+    assert not torch.equal(fa, ff)
+    assert float(np.percentile(min_angles(va, fa).numpy(), 1)) >= \
+        float(np.percentile(min_angles(vf, ff).numpy(), 1))
 
 
 # -- geometry -------------------------------------------------------------------------------

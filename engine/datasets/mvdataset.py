@@ -370,7 +370,9 @@ def load_view(path: Path, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return c * a + (1.0 - a), a
 
 
-def _cam_tensors(cams: List[dict]) -> Dict[str, torch.Tensor]:
+def camera_tensors(cams: List[dict]) -> Dict[str, torch.Tensor]:
+    """Checked camera records (object.json's) -> ``c2w`` [N, 4, 4] and ``elevation``,
+    ``azimuth``, ``distance``, ``fovy`` [N] (degrees), the loader's item keys."""
     return {"c2w": torch.from_numpy(np.stack([c["c2w"] for c in cams])),
             **{k: torch.tensor([c[k] for c in cams], dtype=torch.float32)
                for k in ("elevation", "azimuth", "distance", "fovy")}}
@@ -386,14 +388,19 @@ class MultiViewDataset(torch.utils.data.Dataset):
             files' own size when the index has none).
         num_views: views per group (groups of another size are invalid).
         with_reference: return a reference view (objects without references return none).
+        anchor_group: also return a second camera group of the object, another than the
+            item's (``anchor_images``, ``anchor_masks``, ``anchor_c2w``, ...): the clean anchor
+            views of the interpolation mode (Envision3D). Objects with one group are skipped.
         strict: raise InputError on the first bad object instead of skipping it.
     Attributes:
         ids: the usable object ids. skipped: [(object id, reason)] of the bad ones.
     """
 
     def __init__(self, root, split: Optional[str] = None, image_size: Optional[int] = None,
-                 num_views: int = 4, with_reference: bool = True, strict: bool = False):
+                 num_views: int = 4, with_reference: bool = True, strict: bool = False,
+                 anchor_group: bool = False):
         self.root = Path(root)
+        self.anchor_group = anchor_group
         if num_views < 1:
             raise InputError(f"num_views must be >= 1, got {num_views}")
         if image_size is not None and image_size < 1:
@@ -420,6 +427,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
                 if not _ID_RE.match(oid):
                     raise _Bad("not a plain folder name")
                 rec = check_object(self.root / oid, num_views, with_reference)
+                if anchor_group and len(rec["groups"]) < 2:
+                    raise _Bad("one camera group only; anchor views need a second group")
             except _Bad as exc:
                 reason = " ".join(str(exc).split())
                 if strict:
@@ -464,13 +473,20 @@ class MultiViewDataset(torch.utils.data.Dataset):
         g = int(torch.randint(len(rec["groups"]), (1,)))
         cams = rec["groups"][g]
         rgb, masks = zip(*(load_view(folder / c["file"], s) for c in cams))
-        out = {"images": torch.stack(rgb), "masks": torch.stack(masks), **_cam_tensors(cams),
+        out = {"images": torch.stack(rgb), "masks": torch.stack(masks), **camera_tensors(cams),
                "caption": rec["caption"], "id": self.ids[i], "group": g}
+        if self.anchor_group:
+            # any group but the item's: anchors and targets never share a camera
+            a = int(torch.randint(len(rec["groups"]) - 1, (1,)))
+            anchor_cams = rec["groups"][a + (a >= g)]
+            rgb, masks = zip(*(load_view(folder / c["file"], s) for c in anchor_cams))
+            out["anchor_images"], out["anchor_masks"] = torch.stack(rgb), torch.stack(masks)
+            out.update({f"anchor_{k}": v for k, v in camera_tensors(anchor_cams).items()})
         if self.with_reference and rec["references"]:
             ref = rec["references"][int(torch.randint(len(rec["references"]), (1,)))]
             image, mask = load_view(folder / ref["file"], s)
             out["reference"], out["reference_mask"] = image, mask
-            for k, v in _cam_tensors([ref]).items():
+            for k, v in camera_tensors([ref]).items():
                 out[f"reference_{k}"] = v[0]
         return out
 
@@ -483,6 +499,11 @@ class MultiViewDataset(torch.utils.data.Dataset):
         """The group's cameras of one item (c2w [V,4,4]) or a collated batch ([B,V,4,4]),
         as Cameras with views_per_object=V (fovy converted to radians)."""
         return _cameras(sample, "", sample["c2w"].shape[-3])
+
+    @staticmethod
+    def anchor_cameras(sample: dict) -> Cameras:
+        """The anchor group's cameras of one item or a batch (``anchor_group=True``)."""
+        return _cameras(sample, "anchor_", sample["anchor_c2w"].shape[-3])
 
     @staticmethod
     def reference_cameras(sample: dict) -> Cameras:

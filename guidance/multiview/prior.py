@@ -269,15 +269,17 @@ class MultiViewPrior(nn.Module):
     @torch.no_grad()
     def sample(self, cond: Tensor, uncond: Tensor, cameras16: Tensor, steps: int,
                scale: float, eta: float = 0.0, generator=None,
-               clip_sample: Optional[bool] = None, progress=None) -> Tensor:
+               clip_sample: Optional[bool] = None, progress=None, anchors=None) -> Tensor:
         """Groups of views [K * V, 3, S, S] in [0, 1] drawn by DDIM with classifier-free
         guidance (:func:`guidance.multiview.sample.sample_views`) at cameras16 [V, 16], one
-        group per context of ``cond`` [K, L, D] (``generator``: one, or a list of K)."""
+        group per context of ``cond`` [K, L, D] (``generator``: one, or a list of K);
+        ``anchors``: clean views joining each group, see ``sample_views``."""
         from guidance.multiview import sample as sampling
 
+        extra = {} if anchors is None else {"anchors": anchors}
         return sampling.sample_views(self.model, cond, uncond, cameras16, cameras16.shape[0],
                                      steps, scale, eta, generator, clip_sample=clip_sample,
-                                     progress=progress)
+                                     progress=progress, **extra)
 
 
 __all__ = ["MultiViewPrior", "PRECISIONS", "resolve_precision", "CONDITION_SIZE", "picture_batch"]

@@ -97,7 +97,7 @@ def ddim_scheduler(model, clip_sample: bool):
 @torch.no_grad()
 def sample_views(model, context_cond, context_uncond, cameras16, num_views: int, steps: int,
                  scale: float, eta: float, generator, clip_sample: Optional[bool] = None,
-                 progress=None):
+                 progress=None, anchors=None):
     """DDIM sampling of the ``num_views`` views of K objects at once.
 
     Args:
@@ -108,7 +108,10 @@ def sample_views(model, context_cond, context_uncond, cameras16, num_views: int,
         sampled beside it (batching only changes float rounding). clip_sample: clamp each
         step's predicted x0 to [-1, 1]; default: for pixel-space models, whose x0 is the
         image itself (a latent has no such range). progress: a bar advanced once a step
-        (engine.progress).
+        (engine.progress). anchors: None, or (x0 [A, C, h, w] in the model's space,
+        cameras16 [A, 16]): A clean views that join every object's attention group at
+        timestep 0 with their own cameras, in both halves of CFG (a model trained in mode
+        anchors draws the views between them; guidance/anchor_views.py).
     Returns:
         images [K * V, 3, S, S] in [0, 1], object by object.
     """
@@ -128,10 +131,27 @@ def sample_views(model, context_cond, context_uncond, cameras16, num_views: int,
     context = torch.cat([context_uncond.expand(n, -1, -1),
                          context_cond.repeat_interleave(num_views, dim=0)])
     cams = cameras16.repeat(2 * objects, 1)
+    A = 0 if anchors is None else anchors[0].shape[0]
+    if A:
+        groups = 2 * objects
+        a_x0 = anchors[0].to(device)[None].expand(groups, -1, -1, -1, -1)
+        cams = torch.cat([cams.view(groups, num_views, -1),
+                          anchors[1].to(cams)[None].expand(groups, -1, -1)], 1).flatten(0, 1)
+        context = context.view(groups, num_views, *context.shape[1:])
+        context = torch.cat([context, context[:, :1].expand(-1, A, -1, -1)], 1).flatten(0, 1)
+        t_group = torch.zeros(groups, num_views + A, dtype=torch.long, device=device)
     for t in sched.timesteps:
-        tt = torch.full((2 * n,), int(t), device=device, dtype=torch.long)
+        xx = torch.cat([x, x])
+        if A:
+            xx = torch.cat([xx.view(groups, num_views, *shape[1:]), a_x0.to(x)], 1).flatten(0, 1)
+            t_group[:, :num_views] = int(t)
+            tt = t_group.flatten()
+        else:
+            tt = torch.full((2 * n,), int(t), device=device, dtype=torch.long)
         # guidance is linear in the output, so it may mix v as well as epsilon
-        out = model.predict_output(torch.cat([x, x]), tt, context.to(x), cams.to(x), num_views)
+        out = model.predict_output(xx, tt, context.to(x), cams.to(x), num_views + A)
+        if A:
+            out = out.view(groups, num_views + A, *shape[1:])[:, :num_views].flatten(0, 1)
         out_u, out_c = out.chunk(2)
         out = out_u + scale * (out_c - out_u)
         # DDIM's own noise (eta > 0) drawn per object, as each object alone would draw it

@@ -16,7 +16,8 @@ from omegaconf import MISSING, OmegaConf
 
 from engine.errors import ConfigError, did_you_mean
 
-MODES = ("text", "image", "ema", "clip", "points", "triplane-ae", "triplane-diffusion")
+MODES = ("text", "image", "ema", "anchors", "clip", "points", "triplane-ae",
+         "triplane-diffusion")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 LOSS_WEIGHTINGS = ("uniform", "min-snr", "x0")   # x0: mode points only
@@ -163,8 +164,8 @@ class ShapesConfig:
 class FinetuneConfig:
     recipe: str = ""
     description: str = ""
-    mode: str = MISSING                  # text | image | ema | clip | points | triplane-ae |
-                                         # triplane-diffusion
+    mode: str = MISSING                  # text | image | ema | anchors | clip | points |
+                                         # triplane-ae | triplane-diffusion
     data: DataConfig = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     # modes points and triplane-diffusion: the (picture, cloud) pairs
@@ -198,6 +199,11 @@ class FinetuneConfig:
     # mode ema: probability that a step trains without the reference in the attention, as the
     # model runs at inference (0: always with it, the plain Isotropic3D stage 2)
     reference_dropout: float = 0.0
+    # mode anchors (Envision3D's interpolation at toy scale): how many clean anchor views of
+    # another camera group join the attention, [min, max], drawn per step; and the share of
+    # steps without any (the model then also runs as a plain V-view model)
+    anchor_views: List[int] = field(default_factory=lambda: [2, 4])
+    anchor_dropout: float = 0.0
     mixed_precision: str = "no"          # no | fp16 | bf16 (accelerate)
     seed: int = 0
     device: str = "auto"                 # auto (accelerate's choice) | cpu
@@ -268,6 +274,16 @@ class FinetuneConfig:
         if self.reference_dropout > 0 and self.mode != "ema":
             raise ConfigError("reference_dropout: only mode ema puts a reference view in the "
                               "attention; remove it or use mode: ema")
+        group = getattr(self.data, "num_views", 4)   # the anchors are one group's views
+        if (len(self.anchor_views) != 2 or not 1 <= self.anchor_views[0] <= self.anchor_views[1]
+                or self.anchor_views[1] > group):
+            raise ConfigError(f"anchor_views: expected [min, max] with 1 <= min <= max <= "
+                              f"data.num_views ({group}), got {list(self.anchor_views)}")
+        if not 0.0 <= self.anchor_dropout <= 1.0:
+            raise ConfigError(f"anchor_dropout: must be in [0, 1], got {self.anchor_dropout}")
+        if self.anchor_dropout > 0 and self.mode != "anchors":
+            raise ConfigError("anchor_dropout: only mode anchors puts anchor views in the "
+                              "attention; remove it or use mode: anchors")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas: expected two values in [0, 1), got {list(self.betas)}")
         if self.mode == "points" and self.model.conditioner is None \

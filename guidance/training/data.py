@@ -67,13 +67,16 @@ class SeededDataset(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
-def load_dataset(data, image_size: Optional[int], with_reference: bool):
+def load_dataset(data, image_size: Optional[int], with_reference: bool,
+                 anchor_group: bool = False):
     """The run's :class:`engine.datasets.mvdataset.MultiViewDataset` (``data``: its
-    DataConfig; ``image_size`` None: the files' size)."""
+    DataConfig; ``image_size`` None: the files' size; ``anchor_group``: a second group of
+    views per item, mode anchors)."""
     from engine.datasets.mvdataset import MultiViewDataset
 
     return MultiViewDataset(data.root, split=data.split, image_size=image_size,
-                            num_views=data.num_views, with_reference=with_reference)
+                            num_views=data.num_views, with_reference=with_reference,
+                            anchor_group=anchor_group)
 
 
 def step_loader(dataset, batch_size: int, seed: int, start: int, steps: int,

@@ -14,6 +14,13 @@
   views (zeros when dropped); the loss is the mean over the V noisy views only. At inference
   the model is the plain V-view model: no weight is added. ``reference_dropout`` trains that
   share of the steps without the reference (as inference runs).
+* ``anchors`` Envision3D's interpolation at toy scale: as ``ema``, but the clean views that
+  join the attention are K anchor views of ANOTHER camera group of the object (K drawn per
+  step in ``anchor_views`` [min, max], which views of the group at random per object), each
+  at timestep 0 with its own camera vector; the noisy views are the item's group. The model
+  learns to draw views at any cameras consistent with the anchors it is shown (the
+  dense views between Envision3D's anchors). ``anchor_dropout``: share of steps with no
+  anchor (a plain V-view step). No weight is added; initialise from a stage-2 model.
 
 Classifier-free guidance: with probability ``cfg_dropout`` an object's context is replaced by
 the unconditional one (the empty prompt's tokens for text, zeros for image).
@@ -139,6 +146,12 @@ class DiffusionTrainer(Trainer):
     def with_reference(self) -> bool:
         return self.cfg.mode != "text"
 
+    def load_data(self, image_size: Optional[int]):
+        from guidance.training.data import load_dataset
+
+        return load_dataset(self.cfg.data, image_size, self.with_reference,
+                            anchor_group=self.mode == "anchors")
+
     def build(self) -> Tuple[torch.nn.Module, Optional[int]]:
         self.model = build_diffusion_model(self.cfg).to(self.device)
         image_size = self.model.info.image_size
@@ -207,6 +220,9 @@ class DiffusionTrainer(Trainer):
             ref_x0 = self._x0(batch["reference"].to(self.device), generator)
             ref_cam = camera_vectors_from_c2w(batch["reference_c2w"].to(self.device).float())
             reference = (ref_x0, ref_cam)
+        anchors = 0
+        if self.mode == "anchors":
+            reference, anchors = self._anchors(batch, generator)
         db = make_diffusion_batch(x0, context.float(), self._uncond.float(),
                                   camera.view(B, V, 16), self.model.alphas_cumprod, generator,
                                   self.cfg.cfg_dropout, reference,
@@ -230,7 +246,31 @@ class DiffusionTrainer(Trainer):
         logs = {"dropped": float(db.dropped.float().mean())}
         if self.mode == "ema":
             logs["with_reference"] = float(keep_reference)
+        if self.mode == "anchors":
+            logs["anchors"] = float(anchors)
         return loss, logs
+
+    def _anchors(self, batch: dict, generator: torch.Generator):
+        """((anchor x0 [B, K, C, h, w], anchor cameras [B, K, 16]) or None, K) of a step of
+        mode anchors. Draws, in order: u ~ U[0, 1) (no anchors where u < anchor_dropout; drawn
+        only when it is on), K ~ U{min..max}, then one permutation of the group per object
+        (its first K views are the anchors)."""
+        cfg = self.cfg
+        if cfg.anchor_dropout > 0 and float(torch.rand((), generator=generator)) \
+                < cfg.anchor_dropout:
+            return None, 0
+        lo, hi = cfg.anchor_views
+        K = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+        images = batch["anchor_images"].to(self.device)            # [B, V, 3, S, S]
+        B, V = images.shape[:2]
+        pick = torch.stack([torch.randperm(V, generator=generator)[:K] for _ in range(B)])
+        pick = pick.to(self.device)
+        rows = torch.arange(B, device=self.device)[:, None]
+        chosen = images[rows, pick]                                 # [B, K, 3, S, S]
+        x0 = self._x0(chosen.flatten(0, 1), generator)
+        cams = camera_vectors_from_c2w(batch["anchor_c2w"].to(self.device).float()[rows, pick]
+                                       .flatten(0, 1))
+        return (x0.view(B, K, *x0.shape[1:]), cams.view(B, K, 16)), K
 
     # -- samples -----------------------------------------------------------------------------
     @torch.no_grad()

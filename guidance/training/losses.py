@@ -25,7 +25,7 @@ def drop_context(context: Tensor, uncond: Tensor, drop: Tensor) -> Tensor:
 class DiffusionBatch:
     """One training batch for the UNet, view-contiguous: B objects x G views each."""
 
-    x_t: Tensor          # [B*G, C, h, w] noisy views (then the clean reference, ema)
+    x_t: Tensor          # [B*G, C, h, w] noisy views (then the clean reference or anchors)
     t: Tensor            # [B*G] long (the reference's: 0)
     context: Tensor      # [B*G, L, D]
     camera: Tensor       # [B*G, 16]
@@ -33,7 +33,7 @@ class DiffusionBatch:
     target: Tensor       # [B*V, C, h, w] what the UNet should output there (noise, or v)
     dropped: Tensor      # [B] bool: which objects got the unconditional context
     num_views: int       # V
-    group: int           # G = V (text, image) or V + 1 (ema)
+    group: int           # G = V (text, image), V + 1 (ema) or V + K (anchors)
 
 
 def make_diffusion_batch(x0: Tensor, context: Tensor, uncond: Tensor, camera: Tensor,
@@ -48,7 +48,9 @@ def make_diffusion_batch(x0: Tensor, context: Tensor, uncond: Tensor, camera: Te
         t [B] ~ U{0..999} (shared by an object's views), noise [B, V, C, h, w] ~ N(0, 1),
         u [B] ~ U[0, 1) (dropped where u < cfg_dropout).
         reference: (ref_x0 [B, C, h, w], ref_camera [B, 16]) for ema: appended as the last
-        view of each group, clean, timestep 0, same context.
+        view of each group, clean, timestep 0, same context; or (ref_x0 [B, K, C, h, w],
+        ref_camera [B, K, 16]) for mode anchors: K clean views appended, each at timestep 0
+        with its own camera (G = V + K).
         prediction_type: epsilon (target = noise) or v_prediction (target = v).
     Returns:
         :class:`DiffusionBatch`. Differentiable with respect to x0, context and camera.
@@ -72,10 +74,13 @@ def make_diffusion_batch(x0: Tensor, context: Tensor, uncond: Tensor, camera: Te
     G = V
     if reference is not None:
         ref_x0, ref_cam = reference
-        x_t = torch.cat([x_t, ref_x0[:, None].to(x_t)], dim=1)
-        t_all = torch.cat([t_all, torch.zeros(B, 1, dtype=t.dtype, device=dev)], dim=1)
-        cam = torch.cat([camera, ref_cam[:, None].to(camera)], dim=1)
-        G = V + 1
+        if ref_x0.dim() == x0.dim() - 1:                     # one reference: K = 1
+            ref_x0, ref_cam = ref_x0[:, None], ref_cam[:, None]
+        K = ref_x0.shape[1]
+        x_t = torch.cat([x_t, ref_x0.to(x_t)], dim=1)
+        t_all = torch.cat([t_all, torch.zeros(B, K, dtype=t.dtype, device=dev)], dim=1)
+        cam = torch.cat([camera, ref_cam.to(camera)], dim=1)
+        G = V + K
     return DiffusionBatch(
         x_t=x_t.flatten(0, 1), t=t_all.reshape(-1), camera=cam.flatten(0, 1),
         context=ctx.repeat_interleave(G, dim=0), noise=noise.flatten(0, 1), target=target,
