@@ -352,20 +352,41 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def run_local(jobs: List[Job], workers: int, gpus: int, report) -> List[Result]:
-    """``workers`` runs at a time, each its own process; with GPUs each run gets one."""
+def visible_gpus(device: str) -> List[str]:
+    """The GPUs a local batch spreads its runs over, each as the ``CUDA_VISIBLE_DEVICES``
+    entry that shows a run that GPU alone: the batch's own ``CUDA_VISIBLE_DEVICES`` entries
+    when it is set (``2,3``: the runs get ``2`` or ``3``, never ``0``), else ``0`` to
+    ``count - 1``. None for a recipe on ``device=cpu``, or on one named GPU (``cuda:N``:
+    every run uses that one, as the command says), or where CUDA shows no GPU."""
+    if device not in ("auto", "cuda"):
+        return []
+    count = _cuda_count()
+    if count <= 0:
+        return []
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        ids = [entry.strip() for entry in given.split(",") if entry.strip()]
+        if len(ids) >= count:
+            return ids[:count]          # CUDA uses the leading entries it can read
+    return [str(i) for i in range(count)]
+
+
+def run_local(jobs: List[Job], workers: int, gpus: Sequence[str], report) -> List[Result]:
+    """``workers`` runs at a time, each its own process. With ``gpus`` (visible_gpus) each
+    worker has one of them, round robin (more workers than GPUs share them), and every run
+    it starts sees that GPU alone (``CUDA_VISIBLE_DEVICES``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import queue
 
-    free: "queue.Queue[int]" = queue.Queue()
+    free: "queue.Queue[Optional[str]]" = queue.Queue()
     for i in range(max(workers, 1)):
-        free.put(i % gpus if gpus else -1)
+        free.put(gpus[i % len(gpus)] if gpus else None)
 
     def one(job: Job) -> Result:
         slot = free.get()
         try:
-            env = {"CUDA_VISIBLE_DEVICES": str(slot)} if slot >= 0 else {}
+            env = {"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}
             result = run_job(job, env)
         finally:
             free.put(slot)
@@ -482,8 +503,8 @@ def run(argv: List[str]) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={args.out} is a file; give a folder")
     cfg = validate(args.recipe, images, out, overrides)
-    gpus = _cuda_count() if args.backend == "local" and cfg.system.device != "cpu" else 0
-    workers = args.workers or max(gpus, 1)
+    gpus = visible_gpus(str(cfg.system.device)) if args.backend == "local" else []
+    workers = args.workers or max(len(gpus), 1)
 
     out = out.resolve()
     names = run_names(images)
@@ -494,7 +515,8 @@ def run(argv: List[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"batch: {len(jobs)} pictures, recipe {cfg.recipe}, backend {args.backend}, "
           f"{workers} worker{'s' if workers > 1 else ''}"
-          f"{f' ({gpus} GPUs)' if gpus else ''}; runs in {out}", flush=True)
+          f"{' on GPUs ' + ','.join(gpus) if gpus else ''}; runs in {out}",
+          flush=True)
     lock = threading.Lock()
     done = [0]
 

@@ -369,3 +369,104 @@ def test_a_killed_ray_worker_s_picture_is_tried_again_and_resumes(tmp_path):
     steps = [rec["step"] for rec in _records(run_dir)]
     assert steps == list(range(200))
     assert (run_dir / "metrics.jsonl").read_text().splitlines()[:4] == killed["lines"]
+
+
+# -- GPUs: backend=local gives each run its own (faked here: no GPU on the CI machine) ------
+
+#: stands in for engine.run in the batch's processes: writes what it was given (its
+#: CUDA_VISIBLE_DEVICES, its start and end) to the run folder, then exits 0
+_FAKE_RUN = """
+import json, os, sys, time
+out = [a[4:] for a in sys.argv[1:] if a.startswith("out=")][0]
+os.makedirs(out, exist_ok=True)
+start = time.time()
+time.sleep(float(os.environ["FAKE_RUN_SECONDS"]))
+with open(os.path.join(out, "env.json"), "w") as f:
+    json.dump({"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": start,
+               "end": time.time(), "marker": os.environ.get("FAKE_RUN_MARKER")}, f)
+"""
+
+
+def _fake_gpu_batch(tmp_path, monkeypatch, gpus: int, items=(), pictures: int = 3,
+                    seconds: float = 0.5):
+    """engine.batch as it runs on a machine with ``gpus`` CUDA GPUs (the count faked), each
+    run a real process (a stand-in for engine.run): (exit code, stdout, {picture: what its
+    process saw})."""
+    real_call = subprocess.call
+    commands = []
+
+    def call(argv, **kwargs):          # python -m engine.run ITEMS -> python -c FAKE ITEMS
+        assert argv[1:3] == ["-m", "engine.run"], argv
+        commands.append(argv)
+        return real_call([sys.executable, "-c", _FAKE_RUN, *argv[3:]], **kwargs)
+
+    monkeypatch.setattr(batch, "_cuda_count", lambda: gpus)
+    monkeypatch.setattr(batch.subprocess, "call", call)
+    monkeypatch.setenv("FAKE_RUN_SECONDS", str(seconds))
+    monkeypatch.setenv("FAKE_RUN_MARKER", "the batch's environment")
+    pics = _pictures(tmp_path / "pics", pictures)
+    out = tmp_path / "out"
+    code, stdout, stderr = _batch(["recipe=fit-image", f"images={pics}", f"out={out}",
+                                   *items])
+    assert code == 0, (stdout, stderr)
+    seen = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/env.json")}
+    assert len(seen) == len(commands) == pictures, (seen, commands)
+    return code, stdout, seen
+
+
+def _overlapping(seen: dict):
+    runs = list(seen.values())
+    return [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]
+            if a["start"] < b["end"] and b["start"] < a["end"]]
+
+
+def test_each_run_gets_its_own_visible_gpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _, stdout, seen = _fake_gpu_batch(tmp_path, monkeypatch, gpus=2, pictures=3)
+    # workers default to the GPUs' count; every run saw one GPU, both GPUs were used
+    assert "2 workers on GPUs 0,1;" in stdout, stdout
+    assert sorted({s["gpu"] for s in seen.values()}) == ["0", "1"], seen
+    # runs side by side never share one; the rest of the environment is the batch's
+    assert _overlapping(seen), seen                    # two did run at once
+    assert all(a["gpu"] != b["gpu"] for a, b in _overlapping(seen)), seen
+    assert {s["marker"] for s in seen.values()} == {"the batch's environment"}
+
+
+def test_more_workers_than_gpus_share_them_round_robin(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _, stdout, seen = _fake_gpu_batch(tmp_path, monkeypatch, gpus=2, items=["workers=3"],
+                                      pictures=3, seconds=1.0)
+    assert "3 workers on GPUs 0,1;" in stdout, stdout
+    assert sorted(s["gpu"] for s in seen.values()) == ["0", "0", "1"], seen
+
+
+def test_the_batchs_own_visible_gpus_are_the_ones_handed_out(tmp_path, monkeypatch):
+    """Started with CUDA_VISIBLE_DEVICES=3,5 the batch sees two GPUs; its runs get 3 and 5
+    (CUDA's numbering inside the batch, 0 and 1, would be the machine's GPUs 0 and 1)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    _, stdout, seen = _fake_gpu_batch(tmp_path, monkeypatch, gpus=2, pictures=2)
+    assert "2 workers on GPUs 3,5;" in stdout, stdout
+    assert sorted(s["gpu"] for s in seen.values()) == ["3", "5"], seen
+
+
+def test_cpu_runs_get_no_gpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _, stdout, seen = _fake_gpu_batch(tmp_path, monkeypatch, gpus=2, items=["device=cpu"],
+                                      pictures=2, seconds=0.1)
+    assert "1 worker;" in stdout, stdout
+    assert [s["gpu"] for s in seen.values()] == [None, None], seen
+    assert not _overlapping(seen)
+
+
+def test_visible_gpus_follow_the_recipes_device(monkeypatch):
+    monkeypatch.setattr(batch, "_cuda_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert batch.visible_gpus("auto") == batch.visible_gpus("cuda") == ["0", "1", "2"]
+    # the CPU, or one GPU the command names (every run on it: no spreading)
+    assert batch.visible_gpus("cpu") == batch.visible_gpus("cuda:1") == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa, GPU-bbbb,GPU-cccc")
+    assert batch.visible_gpus("auto") == ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,4,6,9")   # CUDA counted the first 3
+    assert batch.visible_gpus("auto") == ["1", "4", "6"]
+    monkeypatch.setattr(batch, "_cuda_count", lambda: 0)
+    assert batch.visible_gpus("auto") == []

@@ -70,6 +70,11 @@ def test_chain_produces_loadable_models(chain):
     chains = load_file(str(models / "triplane-ae" / "model.safetensors"))
     assert mine.keys() == chains.keys() and all(torch.equal(mine[k], chains[k]) for k in mine)
     assert read_yaml(runs / "compress3d" / "config.yaml")["batch_size"] == 2
+    # the interpolation model is the chain's stage-2 model fine-tuned: same architecture
+    anchors = MultiViewDiffusionModel.from_pretrained(models / "anchors")
+    assert read_yaml(runs / "anchors" / "config.yaml")["model"]["init"] == str(
+        runs / "stage2" / "model")
+    assert anchors.unet.config == stage2.unet.config
 
 
 @pytest.mark.slow

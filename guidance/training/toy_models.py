@@ -3,7 +3,7 @@
     python -m guidance.training.toy_models [out=models/toy] [data=data/toy] [count=200]
         [heldout=20] [heldout_pool=0] [seed=0] [steps_scale=1.0] [width=1] [batch=0]
         [device=auto] [threads=0]
-        [models=[clip,text,stage1,stage2,pointe,triplane-ae,compress3d]]
+        [models=[clip,text,stage1,stage2,pointe,triplane-ae,compress3d,anchors]]
 
 The chain (../shared/DESIGN.md section 5), each step through the same commands a user runs:
 
@@ -19,7 +19,9 @@ The chain (../shared/DESIGN.md section 5), each step through the same commands a
 7. ``toy-triplane-ae``: Compress3D's triplane autoencoder of those clouds (mode
    ``triplane-ae``);
 8. ``toy-compress3d``: Compress3D's shape prior and triplane latent diffusion, conditioned on
-   the CLIP's image embedding, over the autoencoder's latents (mode ``triplane-diffusion``).
+   the CLIP's image embedding, over the autoencoder's latents (mode ``triplane-diffusion``);
+9. ``toy-anchors``: Envision3D's interpolation, the stage-2 model fine-tuned with clean anchor
+   views of another camera group in its attention (mode ``anchors``).
 
 ``models=`` makes only some of them (``models=[pointe]`` re-creates the point model alone in
 about 25 minutes); a model a chosen one needs but that is not made this time is taken from
@@ -28,7 +30,7 @@ models not made this time.
 
 Finished steps are skipped when the command is run again (their ``model/`` exists), so an
 interrupted chain continues. The models end up in ``out``: ``clip/``, ``text/``,
-``stage1/``, ``stage2/``, ``pointe/``, ``triplane-ae/`` and ``compress3d/``, with ``manifest.json`` (the command, the settings, and each
+``stage1/``, ``stage2/``, ``pointe/``, ``triplane-ae/``, ``compress3d/`` and ``anchors/``, with ``manifest.json`` (the command, the settings, and each
 training's steps, wall time and final loss); ``steps_scale`` scales every training (tests
 shorten it; a longer one makes better models). ``width`` multiplies the multi-view UNet's
 channels and attention heads (its heads stay 32-d; stages 1 and 2 inherit the text model's
@@ -47,14 +49,14 @@ from typing import List, Optional
 
 STAGES = (("clip", "toy-clip"), ("text", "toy-text"), ("stage1", "toy-image"),
           ("stage2", "toy-ema"), ("pointe", "toy-pointe"), ("triplane-ae", "toy-triplane-ae"),
-          ("compress3d", "toy-compress3d"))
+          ("compress3d", "toy-compress3d"), ("anchors", "toy-anchors"))
 MODEL_NAMES = [name for name, _ in STAGES]
 DEFAULTS = dict(out="models/toy", data="data/toy", count=200, heldout=20, heldout_pool=0,
                 seed=0, steps_scale=1.0, width=1, batch=0, device="auto", threads=0,
                 models=list(MODEL_NAMES))
 #: what each model is trained from (its own training's inputs among the others)
 NEEDS = {"text": ["clip"], "stage1": ["text", "clip"], "stage2": ["stage1"], "pointe": ["clip"],
-         "compress3d": ["clip", "triplane-ae"]}
+         "compress3d": ["clip", "triplane-ae"], "anchors": ["stage2"]}
 #: side of the toy world's renders the models train on
 DATA_SIZE = 64
 
@@ -178,6 +180,8 @@ def run(argv: List[str]) -> int:
         elif name == "compress3d":
             items += [f"model.conditioner.model={models['clip']}",
                       f"model.latent.autoencoder={models['triplane-ae']}"]
+        elif name == "anchors":
+            items.append(f"model.init={models['stage2']}")
         if (runs / name).exists():          # a half-finished run: continue it
             items = [f"resume={runs / name}"]
         code = train(items)
