@@ -2,15 +2,17 @@
 forward + backward for 5k, 20k and 50k Gaussians at 64, 128 and 256 px, 4 views.
 
     python benchmarks/bench_gaussians.py [threads=N] [device=cpu|cuda]
-        [backend=auto|torch|gsplat] [counts=[5000,20000,50000]] [sizes=[64,128,256]]
-        [repeats=5]
+        [backend=auto|torch|cpp|gsplat] [backends=[torch,cpp]] [counts=[5000,20000,50000]]
+        [sizes=[64,128,256]] [repeats=5]
 
 The scene is what the ``gaussians`` representation starts from: Gaussians uniform in a ball
 of radius 0.5, scales from the spacing to their 3 nearest neighbours (so more Gaussians are
 smaller ones), opacity 0.5, random colours, 4 cameras 90 degrees apart at distance 2.75 with
 a 40 degree field of view (the toy recipes' framing). The loss touches colour, opacity and
 depth, so every differentiable path runs backward. With backend=auto on CUDA both
-backends are timed when gsplat imports.
+backends are timed when gsplat imports. ``backends=[torch,cpp]`` times several backends in
+one process, each size's rows side by side with the forward + backward time relative to the
+first backend's (the ``cpp`` kernel is compiled, or loaded, before any timing).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import torch  # noqa: E402
 from engine.cameras import Cameras  # noqa: E402
 from engine.cli import Command, Key  # noqa: E402
 from representations.lib.gaussian_fields import neighbour_spacing, random_in_ball  # noqa: E402
-from representations.lib.gaussian_raster import gsplat_available, rasterize_gaussians  # noqa
+from representations.lib.gaussian_raster import (  # noqa: E402
+    BACKENDS, gsplat_available, rasterize_gaussians)
+from representations.lib.gaussian_raster_cpp import load_extension, load_seconds  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -63,7 +67,9 @@ def bench(params, cameras, size, backend, device, backward, repeats):
 COMMAND = Command("python benchmarks/bench_gaussians.py", __doc__, [
     Key("threads", int, 0, help="torch threads (0: torch default)"),
     Key("device", str, "cpu"),
-    Key("backend", str, "auto", choices=("auto", "torch", "gsplat")),
+    Key("backend", str, "auto", choices=BACKENDS),
+    Key("backends", list, [], help="several backends in one run, e.g. [torch,cpp] "
+        "(overrides backend)"),
     Key("counts", list, [5000, 20000, 50000]),
     Key("sizes", list, [64, 128, 256]),
     Key("repeats", int, 5),
@@ -75,26 +81,37 @@ def main(argv=None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     backends = [args.backend]
-    if args.backend == "auto" and args.device.startswith("cuda") and gsplat_available():
+    if args.backends:
+        backends = [str(b) for b in args.backends]
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown:
+            raise ValueError(f"backends: expected some of {', '.join(BACKENDS)}, "
+                             f"got {', '.join(unknown)}")
+    elif args.backend == "auto" and args.device.startswith("cuda") and gsplat_available():
         backends = ["torch", "gsplat"]
-    elif args.backend == "auto":
-        backends = ["torch"]
+    if "cpp" in backends or (backends == ["auto"] and not args.device.startswith("cuda")):
+        if load_extension() is not None:
+            print(f"cpp kernel: loaded in {load_seconds():.1f} s (includes compiling on a "
+                  "machine's first use)")
     cams = Cameras.from_spherical([15.0] * 4, [0.0, 90.0, 180.0, 270.0], 2.75, 40.0,
                                   views_per_object=4, device=args.device)
     print(f"device={args.device} threads={torch.get_num_threads()} views=4 "
           f"load={os.getloadavg()[0]:.2f}")
-    print("| backend | Gaussians | px | forward ms (best) | forward+backward ms (best) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for backend in backends:
-        for n in args.counts:
-            params = scene(int(n), args.device)
-            for size in args.sizes:
+    print("| backend | Gaussians | px | forward ms (best) | forward+backward ms (best) | "
+          f"vs {backends[0]} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for n in args.counts:
+        params = scene(int(n), args.device)
+        for size in args.sizes:
+            first = None
+            for backend in backends:
                 f_med, f_best = bench(params, cams, int(size), backend, args.device, False,
                                       args.repeats)
                 b_med, b_best = bench(params, cams, int(size), backend, args.device, True,
                                       args.repeats)
+                first = first or b_med
                 print(f"| {backend} | {n} | {size} | {f_med:.0f} ({f_best:.0f}) | "
-                      f"{b_med:.0f} ({b_best:.0f}) |", flush=True)
+                      f"{b_med:.0f} ({b_best:.0f}) | {first / b_med:.1f}x |", flush=True)
     return 0
 
 

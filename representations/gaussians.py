@@ -68,7 +68,8 @@ class GaussiansConfig:
     init_scale: float = 0.0          # world units; 0: from the spacing to 3 nearest points
     sh_degree: int = 0               # 0: RGB; 1: view-dependent colour
     radius: float = 1.0              # bounding sphere (export grid, previews)
-    backend: str = "auto"            # auto | torch | gsplat
+    # rasteriser: auto | torch | cpp | gsplat (auto: gsplat on CUDA, the C++ kernel on a CPU)
+    backend: str = "auto"
     # normals in training renders too (a stage whose losses use them); eval renders always
     render_normals: bool = False
     densify: DensifyConfig = field(default_factory=DensifyConfig)

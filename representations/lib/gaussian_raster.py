@@ -37,8 +37,22 @@ and time scale with the number of surviving pairs, not with pixels x Gaussians.
 
 Differentiable with respect to means, log scales, quaternions, opacities and features (not
 with respect to the cameras, and not through the depth order or the box bounds, which are
-piecewise constant). Backends: ``torch`` (this module), ``gsplat`` (CUDA, when it imports),
-``auto`` (gsplat on CUDA when available, else torch).
+piecewise constant).
+
+Backends (``rasterize_gaussians(..., backend=)``), all returning the same dict:
+
+* ``torch``: this module, end to end (any device; also differentiable twice).
+* ``cpp``: CPU only. Steps 1-2, the boxes and the depth order (:func:`screen_boxes`, the same
+  code as :func:`find_pairs`) stay in torch; steps 3-4 and their backward run in a C++ kernel
+  (:mod:`representations.lib.gaussian_raster_cpp`, compiled on first use), which splats each
+  view's Gaussians in depth order into a per-pixel transmittance, skipping dead pixels, with
+  the same thresholds and pixel centres. It gives the torch backend's images and gradients up
+  to float rounding, several times faster (docs/results/gaussians.md).
+* ``gsplat``: gsplat's CUDA kernels (when it imports).
+* ``auto``: gsplat on CUDA when it imports; else on a CPU ``cpp`` when its kernel builds
+  (a failed build prints one warning line and falls back to torch for the rest of the
+  process; ``DISTILL_GAUSSIANS_CPP=0`` or ``gaussian_raster_cpp.set_cpp_enabled(False)``
+  keeps it on torch); else ``torch``.
 """
 
 from __future__ import annotations
@@ -51,13 +65,14 @@ import torch
 from torch import Tensor
 
 from engine.cameras import Cameras
+from representations.lib import gaussian_raster_cpp
 
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.99
 T_MIN = 1e-4
 DILATION = 0.3
 NEAR = 0.01
-BACKENDS = ("auto", "torch", "gsplat")
+BACKENDS = ("auto", "torch", "cpp", "gsplat")
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,16 +141,18 @@ def project(means: Tensor, cov3d: Tensor, cameras: Cameras, height: int, width: 
     lim_y = 1.3 * (0.5 * height / f)
     tx = (t[..., 0] / zs).clamp(-lim_x, lim_x) * zs
     ty = (t[..., 1] / zs).clamp(-lim_y, lim_y) * zs
-    # M = J W, row by row (J is sparse; batched 2x3 @ 3x3 products are slow on a CPU)
-    w = rot_w2c[:, None]                                                   # [B, 1, 3, 3]
-    m0 = (f / zs)[..., None] * w[..., 0, :] + (f * tx / zs ** 2)[..., None] * w[..., 2, :]
-    m1 = -(f / zs)[..., None] * w[..., 1, :] - (f * ty / zs ** 2)[..., None] * w[..., 2, :]
-    sig = cov3d[None]                                                      # [1, N, 3, 3]
-    s0 = (sig * m0[..., None, :]).sum(-1)                                  # Sigma m0 [B, N, 3]
-    s1 = (sig * m1[..., None, :]).sum(-1)
-    a = (m0 * s0).sum(-1) + dilation                                       # M Sigma M^T
-    b = (m1 * s0).sum(-1)
-    c = (m1 * s1).sum(-1) + dilation
+    # M = J W, row by row, one [B, N] tensor per entry: J is sparse, and batched 2x3 @ 3x3
+    # products or broadcasts over [B, N, 3, 3] are slow on a CPU (many tiny inner loops)
+    w = rot_w2c[:, :, :, None]                                             # [B, 3, 3, 1]
+    fz, fx, fy = f / zs, f * tx / zs ** 2, f * ty / zs ** 2                # [B, N]
+    m0 = [fz * w[:, 0, j] + fx * w[:, 2, j] for j in range(3)]
+    m1 = [-fz * w[:, 1, j] - fy * w[:, 2, j] for j in range(3)]
+    sig = [[cov3d[:, i, j] for j in range(3)] for i in range(3)]           # [N] each
+    s0 = [sig[i][0] * m0[0] + sig[i][1] * m0[1] + sig[i][2] * m0[2] for i in range(3)]
+    s1 = [sig[i][0] * m1[0] + sig[i][1] * m1[1] + sig[i][2] * m1[2] for i in range(3)]
+    a = m0[0] * s0[0] + m0[1] * s0[1] + m0[2] * s0[2] + dilation          # M Sigma M^T
+    b = m1[0] * s0[0] + m1[1] * s0[1] + m1[2] * s0[2]
+    c = m1[0] * s1[0] + m1[1] * s1[1] + m1[2] * s1[2] + dilation
     det = (a * c - b * b).clamp_min(1e-12)
     conics = torch.stack([c / det, -b / det, a / det], dim=-1)
     return Projected(torch.stack([u, v], dim=-1), conics, z,
@@ -168,24 +185,7 @@ def find_pairs(proj: Projected, opacities: Tensor, height: int, width: int,
     B, N = proj.depths.shape
     dev = proj.depths.device
     P = B * height * width
-    op = opacities.detach().float().clamp(1e-8, 1.0)
-    # squared Mahalanobis radius where alpha = 1/255: only Gaussians with o > 1/255 show
-    qmax = 2.0 * torch.log(op * 255.0)                                     # [N]
-    cov = proj.cov2d.detach().float()
-    mean = proj.means2d.detach().float()
-    hx = torch.sqrt(qmax.clamp_min(0) * cov[..., 0])                      # [B, N]
-    hy = torch.sqrt(qmax.clamp_min(0) * cov[..., 2])
-    # pixel centres at (i + 0.5): the columns whose centres fall in [u - hx, u + hx]
-    x0 = torch.ceil(mean[..., 0] - hx - 0.5).clamp(0, width)
-    x1 = torch.floor(mean[..., 0] + hx - 0.5).clamp(-1, width - 1) + 1
-    y0 = torch.ceil(mean[..., 1] - hy - 0.5).clamp(0, height)
-    y1 = torch.floor(mean[..., 1] + hy - 0.5).clamp(-1, height - 1) + 1
-    bw = (x1 - x0).clamp_min(0)
-    bh = (y1 - y0).clamp_min(0)
-    keep = proj.valid & (qmax > 0)[None] & torch.isfinite(mean).all(-1) & (bw * bh > 0)
-    depth = torch.where(keep, proj.depths.detach().float(),
-                        torch.full_like(bw, float("inf")))
-    order = torch.argsort(depth, dim=1)                                    # [B, N]
+    op, mean, x0, y0, bw, bh, keep, order = screen_boxes(proj, opacities, height, width)
     n_keep = int(keep.sum(1).max()) if N else 0
     order = order[:, :n_keep]
     view_of = torch.arange(B, device=dev)[:, None].expand_as(order)
@@ -249,6 +249,36 @@ def find_pairs(proj: Projected, opacities: Tensor, height: int, width: int,
     first = torch.ones_like(pixel, dtype=torch.bool)
     first[1:] = pixel[1:] != pixel[:-1]
     return gauss, view, pixel, first
+
+
+@torch.no_grad()
+def screen_boxes(proj: Projected, opacities: Tensor, height: int, width: int):
+    """Each Gaussian's pixel box and the views' depth order (float32, not differentiable).
+
+    Returns ``op`` [N] (opacities clamped to [1e-8, 1]), ``mean`` [B, N, 2], ``x0``, ``y0``,
+    ``bw``, ``bh`` [B, N] (the first column/row and the box size: the pixels whose centres
+    lie in the bounding box of the ellipse ``d^T Sigma'^{-1} d <= 2 ln(255 o)``, clipped to
+    the image), ``keep`` [B, N] (in front of the near plane, o > 1/255, a non-empty box) and
+    ``order`` [B, N] (per view, the kept Gaussians near to far first, then the others)."""
+    op = opacities.detach().float().clamp(1e-8, 1.0)
+    # squared Mahalanobis radius where alpha = 1/255: only Gaussians with o > 1/255 show
+    qmax = 2.0 * torch.log(op * 255.0)                                     # [N]
+    cov = proj.cov2d.detach().float()
+    mean = proj.means2d.detach().float()
+    hx = torch.sqrt(qmax.clamp_min(0) * cov[..., 0])                      # [B, N]
+    hy = torch.sqrt(qmax.clamp_min(0) * cov[..., 2])
+    # pixel centres at (i + 0.5): the columns whose centres fall in [u - hx, u + hx]
+    x0 = torch.ceil(mean[..., 0] - hx - 0.5).clamp(0, width)
+    x1 = torch.floor(mean[..., 0] + hx - 0.5).clamp(-1, width - 1) + 1
+    y0 = torch.ceil(mean[..., 1] - hy - 0.5).clamp(0, height)
+    y1 = torch.floor(mean[..., 1] + hy - 0.5).clamp(-1, height - 1) + 1
+    bw = (x1 - x0).clamp_min(0)
+    bh = (y1 - y0).clamp_min(0)
+    keep = proj.valid & (qmax > 0)[None] & torch.isfinite(mean).all(-1) & (bw * bh > 0)
+    depth = torch.where(keep, proj.depths.detach().float(),
+                        torch.full_like(bw, float("inf")))
+    order = torch.argsort(depth, dim=1)                                    # [B, N]
+    return op, mean, x0, y0, bw, bh, keep, order
 
 
 def _box_pairs(rows: Tensor, slot_view: Tensor, height: int, width: int):
@@ -336,7 +366,9 @@ def rasterize_gaussians(means: Tensor, log_scales: Tensor, quats: Tensor, opacit
         means [N, 3], log_scales [N, 3], quats [N, 4] (w, x, y, z; any norm),
         opacities [N] in (0, 1), features [N, C] or, when they depend on the view (colour
         from spherical harmonics, normals facing the camera), [B, N, C]: colour and any
-        other per-Gaussian values to composite. backend: ``auto | torch | gsplat``.
+        other per-Gaussian values to composite. backend: ``auto | torch | cpp | gsplat``
+        (``auto``: gsplat on CUDA when it imports, else the C++ kernel on a CPU when it
+        builds, else torch; see the module docstring).
     Returns:
         ``features`` [B, H, W, C] (``sum_i w_i f_i``), ``alpha`` [B, H, W, 1]
         (``1 - T_final``), ``depth`` [B, H, W, 1] (``sum_i w_i z_i``, camera z), and
@@ -349,6 +381,18 @@ def rasterize_gaussians(means: Tensor, log_scales: Tensor, quats: Tensor, opacit
     if backend == "gsplat" or (backend == "auto" and means.is_cuda and gsplat_available()):
         return _rasterize_gsplat(means, log_scales, quats, opacities, features, cameras,
                                  height, width)
+    if backend == "cpp":
+        if means.device.type != "cpu" or means.dtype not in (torch.float32, torch.float64):
+            raise ValueError("backend: 'cpp' takes float32 or float64 tensors on a CPU, got "
+                             f"{means.dtype} on {means.device}; use auto or torch")
+        if gaussian_raster_cpp.load_extension() is None:
+            raise RuntimeError("backend: 'cpp': the C++ kernel could not be built "
+                               f"({gaussian_raster_cpp.build_error()}); use backend: torch")
+    if backend == "cpp" or (backend == "auto" and means.device.type == "cpu"
+                            and means.dtype in (torch.float32, torch.float64)
+                            and gaussian_raster_cpp.cpp_available()):
+        return _rasterize_cpp(means, log_scales, quats, opacities, features, cameras,
+                              height, width)
     return _rasterize_torch(means, log_scales, quats, opacities, features, cameras,
                             height, width)
 
@@ -382,6 +426,21 @@ def _rasterize_torch(means, log_scales, quats, opacities, features, cameras, hei
     visible[view * N + gauss] = True
     return {"features": out[..., 1:], "depth": out[..., :1], "alpha": alpha_img,
             "means2d": proj.means2d, "visible": visible.reshape(B, N)}
+
+
+def _rasterize_cpp(means, log_scales, quats, opacities, features, cameras, height, width):
+    """Projection in torch, pair finding and compositing in the C++ kernel (same rules)."""
+    cov3d = covariance_3d(log_scales, quats)
+    proj = project(means, cov3d, cameras, height, width)
+    _, _, x0, y0, bw, bh, keep, order = screen_boxes(proj, opacities, height, width)
+    counts = keep.sum(1)
+    n_keep = int(counts.max()) if means.shape[0] else 0
+    boxes = torch.stack([x0, y0, x0 + bw, y0 + bh], -1).to(torch.int32)
+    feats, depth, alpha, visible = gaussian_raster_cpp.composite(
+        proj.means2d, proj.conics, opacities, proj.depths, features, boxes,
+        order[:, :n_keep], counts, height, width, (ALPHA_MIN, ALPHA_MAX, T_MIN))
+    return {"features": feats, "depth": depth, "alpha": alpha, "means2d": proj.means2d,
+            "visible": visible}
 
 
 def gsplat_available() -> bool:
