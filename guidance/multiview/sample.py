@@ -111,7 +111,9 @@ def sample_views(model, context_cond, context_uncond, cameras16, num_views: int,
         (engine.progress). anchors: None, or (x0 [A, C, h, w] in the model's space,
         cameras16 [A, 16]): A clean views that join every object's attention group at
         timestep 0 with their own cameras, in both halves of CFG (a model trained in mode
-        anchors draws the views between them; guidance/anchor_views.py).
+        anchors draws the views between them; guidance/anchor_views.py). At ``scale`` 1
+        the guided output is the conditional one, so the unconditional pass is skipped (the
+        same views up to float rounding, half the work).
     Returns:
         images [K * V, 3, S, S] in [0, 1], object by object.
     """
@@ -128,12 +130,15 @@ def sample_views(model, context_cond, context_uncond, cameras16, num_views: int,
     shape = (num_views, channels, size, size)
     x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
     n = objects * num_views
-    context = torch.cat([context_uncond.expand(n, -1, -1),
-                         context_cond.repeat_interleave(num_views, dim=0)])
-    cams = cameras16.repeat(2 * objects, 1)
+    # at scale 1 guidance is the conditional output alone: the unconditional half is skipped
+    halves = 1 if scale == 1.0 else 2
+    context = context_cond.repeat_interleave(num_views, dim=0)
+    if halves == 2:
+        context = torch.cat([context_uncond.expand(n, -1, -1), context])
+    cams = cameras16.repeat(halves * objects, 1)
     A = 0 if anchors is None else anchors[0].shape[0]
     if A:
-        groups = 2 * objects
+        groups = halves * objects
         a_x0 = anchors[0].to(device)[None].expand(groups, -1, -1, -1, -1)
         cams = torch.cat([cams.view(groups, num_views, -1),
                           anchors[1].to(cams)[None].expand(groups, -1, -1)], 1).flatten(0, 1)
@@ -141,19 +146,20 @@ def sample_views(model, context_cond, context_uncond, cameras16, num_views: int,
         context = torch.cat([context, context[:, :1].expand(-1, A, -1, -1)], 1).flatten(0, 1)
         t_group = torch.zeros(groups, num_views + A, dtype=torch.long, device=device)
     for t in sched.timesteps:
-        xx = torch.cat([x, x])
+        xx = torch.cat([x] * halves)
         if A:
             xx = torch.cat([xx.view(groups, num_views, *shape[1:]), a_x0.to(x)], 1).flatten(0, 1)
             t_group[:, :num_views] = int(t)
             tt = t_group.flatten()
         else:
-            tt = torch.full((2 * n,), int(t), device=device, dtype=torch.long)
+            tt = torch.full((halves * n,), int(t), device=device, dtype=torch.long)
         # guidance is linear in the output, so it may mix v as well as epsilon
         out = model.predict_output(xx, tt, context.to(x), cams.to(x), num_views + A)
         if A:
             out = out.view(groups, num_views + A, *shape[1:])[:, :num_views].flatten(0, 1)
-        out_u, out_c = out.chunk(2)
-        out = out_u + scale * (out_c - out_u)
+        if halves == 2:
+            out_u, out_c = out.chunk(2)
+            out = out_u + scale * (out_c - out_u)
         # DDIM's own noise (eta > 0) drawn per object, as each object alone would draw it
         noise = None if eta == 0 else torch.cat(
             [torch.randn(shape, generator=g, dtype=out.dtype) for g in generators]).to(device)
