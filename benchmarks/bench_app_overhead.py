@@ -29,7 +29,6 @@ average before and after.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -39,16 +38,10 @@ import sys
 import time
 from pathlib import Path
 
+from _runs import train_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 ENDED = ("done", "cancelled", "interrupted", "failed", "unknown")
-
-
-def _train_seconds(run_dir: Path) -> float:
-    last = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        last[rec["stage"]] = rec["time"]
-    return sum(last.values())
 
 
 def cli_run(args, overrides, out: Path) -> dict:
@@ -62,7 +55,7 @@ def cli_run(args, overrides, out: Path) -> dict:
         wall = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"the CLI run failed (exit {code}); see {out.parent / out.name}.log")
-    return {"way": "CLI", "wall_s": wall, "train_s": _train_seconds(out), "run_dir": str(out)}
+    return {"way": "CLI", "wall_s": wall, "train_s": train_seconds(out), "run_dir": str(out)}
 
 
 class App:
@@ -125,7 +118,7 @@ class App:
         zipped = Path(status["zip"]).stat().st_mtime if status.get("zip") else None
         run_dir = Path(status["run_dir"])
         return {"way": "app", "wall_s": zipped - start if zipped else seen, "seen_s": seen,
-                "train_s": _train_seconds(run_dir), "run_dir": str(run_dir),
+                "train_s": train_seconds(run_dir), "run_dir": str(run_dir),
                 "app_cpu_s": self.cpu_seconds() - app_cpu,
                 "client_cpu_s": time.process_time() - client_cpu}
 

@@ -17,7 +17,6 @@ are printed, with the frames the client received.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -28,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from _runs import train_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,14 +36,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _train_seconds(run_dir: Path) -> float:
-    last = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        last[rec["stage"]] = rec["time"]
-    return sum(last.values())
 
 
 def _watch(port: int, stop: threading.Event, result: dict) -> None:
@@ -93,7 +86,7 @@ def one_run(args, live: bool, index: int) -> dict:
         raise SystemExit(f"run failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     # the run's own count: "live view: N frames sent, X s spent rendering them"
     spent = [line.split() for line in proc.stdout.splitlines() if " frames sent, " in line]
-    return {"live": live, "train_s": _train_seconds(out), "wall_s": wall,
+    return {"live": live, "train_s": train_seconds(out), "wall_s": wall,
             "sent": int(spent[-1][2]) if spent else 0,
             "render_s": float(spent[-1][5]) if spent else 0.0,
             "frames": seen.get("frames"), "frame_size": seen.get("size"), "out": str(out)}

@@ -8,7 +8,6 @@ slow test runs recipe envision3d-toy with the shipped models.
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -24,26 +23,9 @@ from guidance.training.command import main
 from guidance.training.config import build_config
 from guidance.training.diffusion import DiffusionTrainer
 from guidance.training.losses import make_diffusion_batch
+from test_finetune import SIZE, TINY_UNET, block_view, one_thread  # noqa: F401 (autouse fixture)
 
-SIZE = 16
-TINY_UNET = dict(sample_size=8, block_out_channels=[16, 32], layers_per_block=1,
-                 attention_head_dim=[1, 2], norm_num_groups=8)
 COLOURS = [(220, 40, 30), (40, 60, 220), (40, 200, 60)]
-
-
-def block_view(colour, azimuth):
-    a = np.zeros((SIZE, SIZE, 4), np.uint8)
-    c = int((np.cos(np.deg2rad(azimuth)) * 0.3 + 0.5) * SIZE)
-    a[SIZE // 4: 3 * SIZE // 4, max(c - 3, 0):c + 3] = (*colour, 255)
-    return a
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

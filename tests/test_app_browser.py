@@ -52,9 +52,10 @@ def _binary(env: str, *names: str):
     return None
 
 
-@pytest.fixture(scope="module")
-def browser():
-    pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[app]')")
+def chrome_driver(extra_flags=(), logging_prefs=None):
+    """Headless Chromium through Selenium with the system browser and driver (``CHROME_FLAGS``
+    plus ``extra_flags``; ``logging_prefs``: Chrome's goog:loggingPrefs), or a pytest skip
+    saying what is missing. The caller quits it."""
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[app]')")
     chromium = _binary("CHROMIUM", "chromium", "chromium-browser")
     driver_path = _binary("CHROMEDRIVER", "chromedriver")
@@ -69,10 +70,19 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in CHROME_FLAGS:
+    for flag in [*CHROME_FLAGS, *extra_flags]:
         options.add_argument(flag)
+    if logging_prefs:
+        options.set_capability("goog:loggingPrefs", logging_prefs)
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     driver.set_page_load_timeout(60)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[app]')")
+    driver = chrome_driver()
     try:
         yield driver
     finally:

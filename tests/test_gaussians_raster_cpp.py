@@ -14,7 +14,8 @@ from engine.cameras import Cameras, orbit
 from representations.lib import gaussian_raster as gr
 from representations.lib import gaussian_raster_cpp as grc
 
-from test_gaussians_raster import _cams, _gaussians, reference_render
+from test_gaussians_raster import (_cams, _gaussians, check_gradients_against_finite_differences,
+                                   reference_render)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,19 +84,7 @@ def test_cpp_matches_brute_force_reference():
 
 
 def test_cpp_gradients_match_finite_differences():
-    means, log_scales, quats, opac, colors = _gaussians(4, seed=3, opacity=(0.3, 0.6))
-    cams = _cams(2)
-    wts = torch.rand(2, 9, 9, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-    def f(means, log_scales, quats, opac, colors):
-        out = gr.rasterize_gaussians(means, log_scales, quats, opac, colors, cams, 9, 9,
-                                     backend="cpp")
-        return (out["features"] * wts).sum() + out["alpha"].sum() + 0.1 * out["depth"].sum()
-
-    inputs = tuple(t.clone().requires_grad_() for t in
-                   (means, log_scales, quats, opac, colors))
-    assert f(*inputs).item() > 0
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+    check_gradients_against_finite_differences("cpp")
 
 
 def test_cpp_threads_give_the_same_result():

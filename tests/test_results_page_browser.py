@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from test_app_browser import CHROME_FLAGS, _binary, _drawn_fraction
+from test_app_browser import _drawn_fraction, chrome_driver
 
 ROOT = Path(__file__).resolve().parents[1]
 MUG = ROOT / "examples" / "toy" / "red-mug.png"
@@ -46,26 +46,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def offline_browser():
-    pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[app]')")
-    chromium = _binary("CHROMIUM", "chromium", "chromium-browser")
-    driver_path = _binary("CHROMEDRIVER", "chromedriver")
-    if chromium is None:
-        pytest.skip("no chromium browser (apt-get install -y chromium chromium-driver)")
-    if driver_path is None:
-        pytest.skip("no chromedriver (apt-get install -y chromium-driver)")
-    os.environ.setdefault("SE_OFFLINE", "true")       # Selenium Manager: never the network
-    os.environ.setdefault("SE_AVOID_STATS", "true")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROME_FLAGS + OFFLINE_FLAGS:
-        options.add_argument(flag)
     # the console (errors) and the network log (every URL the page asks for)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    driver.set_page_load_timeout(60)
+    driver = chrome_driver(OFFLINE_FLAGS, {"browser": "ALL", "performance": "ALL"})
     try:
         yield driver
     finally:
