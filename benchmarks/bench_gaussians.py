@@ -64,6 +64,11 @@ def bench(params, cameras, size, backend, device, backward, repeats):
     return statistics.median(times), min(times)
 
 
+def _ms(ms: float) -> str:
+    """Whole milliseconds, with decimals below 10 ms (a GPU's times)."""
+    return f"{ms:.0f}" if ms >= 10 else f"{ms:.2f}"
+
+
 COMMAND = Command("python benchmarks/bench_gaussians.py", __doc__, [
     Key("threads", int, 0, help="torch threads (0: torch default)"),
     Key("device", str, "cpu"),
@@ -110,8 +115,8 @@ def main(argv=None) -> int:
                 b_med, b_best = bench(params, cams, int(size), backend, args.device, True,
                                       args.repeats)
                 first = first or b_med
-                print(f"| {backend} | {n} | {size} | {f_med:.0f} ({f_best:.0f}) | "
-                      f"{b_med:.0f} ({b_best:.0f}) | {first / b_med:.1f}x |", flush=True)
+                print(f"| {backend} | {n} | {size} | {_ms(f_med)} ({_ms(f_best)}) | "
+                      f"{_ms(b_med)} ({_ms(b_best)}) | {first / b_med:.1f}x |", flush=True)
     return 0
 
 

@@ -107,6 +107,38 @@ class ExportConfig:
             self.turntable = TurntableConfig(**self.turntable)
 
 
+#: (module, pip package, what needs it): the libraries an export imports late, after training
+EXPORT_LIBRARIES = {
+    "mesh": [("pymeshlab", "pymeshlab", "the mesh clean-up"),
+             ("xatlas", "xatlas", "the UV atlas")],
+    "mp4": [("imageio_ffmpeg", "imageio-ffmpeg", "the MP4 turntable")],
+}
+
+
+def check_export_libraries(cfg: Optional[ExportConfig]) -> None:
+    """Import the libraries ``cfg``'s export will need, so that a missing or broken one stops
+    the run before training (one line) rather than after it. A library can be installed and
+    still fail to import (pymeshlab without the system's libGL)."""
+    import importlib
+
+    from engine.errors import UserError
+
+    if cfg is None:
+        return
+    needed = list(EXPORT_LIBRARIES["mesh"])         # the mesh is built for every export
+    if cfg.turntable.enabled and "mp4" in cfg.turntable.formats:
+        needed += EXPORT_LIBRARIES["mp4"]
+    for module, package, purpose in needed:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            other = (", or write GIF only: export.turntable.formats=[gif]" if module ==
+                     "imageio_ffmpeg" else ", or skip the export: export=null")
+            raise UserError(f"{purpose} needs {module}, which does not import ({exc}): "
+                            f"pip install {package} (a missing .so file is a system library: "
+                            f"install it with the system's package manager){other}") from None
+
+
 def _check_formats(formats: List[str], allowed) -> None:
     from engine.errors import did_you_mean
 

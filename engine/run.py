@@ -151,6 +151,9 @@ def _preflight(cfg) -> None:
     model (isotropic3d's NeRF and DMTet stages share one), so one fix covers them all."""
     from engine.errors import UserError
 
+    from engine.export import check_export_libraries
+
+    check_export_libraries(cfg.export)
     seen = set()
     for sname, stage_components in cfg.components.items():
         for field_name, (cls, ccfg) in stage_components.items():
@@ -286,7 +289,7 @@ def _export(cfg, trainer, run_dir: Path, device) -> dict:
                 paths.update(render_turntable(parts.representation, out, cfg.export,
                                               parts.background, device))
                 b.update(1)
-    except RuntimeError as exc:
+    except (RuntimeError, ImportError) as exc:
         raise UserError(f"export failed: {exc}. Training is saved; fix the export settings and "
                         f"run python -m engine.run resume={run_dir} to export again") from None
     return paths

@@ -66,6 +66,44 @@ def test_run_summary_gives_seconds_per_step_and_peak_memory(tmp_path):
     ]
 
 
+def test_gaussian_real_size_run_keeps_the_silhouette_level_and_every_phase():
+    argv = gpu_check.real_size_argv("isotropic3d-gs", "/tmp/unused", "cpu", steps_per_phase=2)
+    assert "stages.gs.guidance.model=random:isotropic3d" in argv
+    # DMTet from Gaussians takes its level from their silhouettes, not the NeRF's level 5
+    assert not any("init_threshold" in a for a in argv)
+    assert "stages.gs.steps=4" in argv and "stages.dmtet.steps=2" in argv
+
+
+def test_gs_full_run_is_summarised_per_stage_and_falls_back_to_torch(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, timeout, env=None):
+        calls.append(cmd)
+        out = Path(next(a for a in cmd if a.startswith("out="))[4:])
+        (out / "export").mkdir(parents=True)
+        recs = ([{"stage": "gs", "time": 0.5 + 0.1 * i, "cuda_peak_gib": 3.0} for i in range(5)]
+                + [{"stage": "dmtet", "time": 1.0 + 0.2 * i, "cuda_peak_gib": 4.5}
+                   for i in range(3)])
+        (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+        (out / "export" / "mesh.glb").write_bytes(b"")
+        return 0, "done", 12.0
+
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    table = gpu_check.Table()
+    gpu_check.part_gs_full(table, True, str(tmp_path), gsplat_built=False)
+    assert "stages.gs.representation.backend=torch" in calls[0]
+    results = [r["result"] for r in table.rows]
+    assert results[0] == "5 steps in 0.9 s, median 0.100 s/step, peak 3.0 GiB"
+    assert results[1] == "3 steps in 1.4 s, median 0.200 s/step, peak 4.5 GiB"
+    assert "mesh.glb" in results[2] and table.rows[2]["seconds"] == 12.0
+    assert (tmp_path / "gs-full" / "metrics.jsonl").is_file()     # kept for reading later
+
+
+def test_pytest_summary_is_the_count_line_not_a_trailing_warning():
+    text = "== 5 failed, 92 passed, 3 skipped in 113.88s ==\nwarner(PytestBenchmarkWarning(text))"
+    assert gpu_check._pytest_summary(text) == "5 failed, 92 passed, 3 skipped in 113.88s"
+
+
 @pytest.mark.slow
 def test_shell_wrapper_runs_from_another_directory(tmp_path):
     import subprocess

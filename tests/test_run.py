@@ -238,6 +238,37 @@ def test_run_exports_a_textured_mesh_and_turntable(rgba_image, tmp_path, capsys)
     assert Path(printed["gif"]).is_file() and Path(printed["mp4"]).is_file()
 
 
+@pytest.mark.parametrize("module, words", [
+    ("imageio_ffmpeg", ["MP4 turntable", "imageio-ffmpeg", "formats=[gif]"]),
+    ("pymeshlab", ["mesh clean-up", "libGL.so.1", "export=null"]),
+])
+def test_an_export_library_that_does_not_import_stops_the_run_before_training(
+        module, words, rgba_image, tmp_path, monkeypatch, capsys):
+    """Seen on a GPU machine: pymeshlab without the system's libGL, and no imageio-ffmpeg,
+    failed only at the export, after all of the training."""
+    import importlib
+
+    real = importlib.import_module
+
+    def import_module(name, *a, **k):
+        if name == module:
+            raise ImportError("libGL.so.1: cannot open shared object file")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    out = tmp_path / "exp"
+    args = [a for a in tiny_fit_args(rgba_image, out, steps=30) if a != "export=null"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(w in err[0] for w in words), err
+    assert not out.exists()                          # nothing trained, nothing written
+    # GIF only needs no imageio-ffmpeg
+    if module == "imageio_ffmpeg":
+        from engine.export import ExportConfig, check_export_libraries
+
+        check_export_libraries(ExportConfig(turntable={"formats": ["gif"]}))
+
+
 def test_export_of_a_representation_without_a_mesh_is_refused_at_load(capsys):
     from engine import config
     from engine.errors import ConfigError

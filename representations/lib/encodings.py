@@ -185,6 +185,14 @@ def hash_grid_encode_with_jacobian(x: Tensor, table: Tensor, scales: Tensor, mul
     return enc, jac.reshape(n, d, 3)
 
 
+def clamp_unit(x: Tensor) -> Tensor:
+    """``x`` clamped to [0, 1] with zero gradient outside the open interval (0, 1), on its
+    bounds too. ``Tensor.clamp``'s backward at the bounds differs between torch releases
+    (seen on 2.11 against 2.14), and the recompute path's backward must match it exactly."""
+    inside = (x > 0.0) & (x < 1.0)
+    return torch.where(inside, x, x.detach().clamp(0.0, 1.0))
+
+
 def _corners(x: Tensor, table: Tensor, scales: Tensor, mult: Tensor, sizes: Tensor,
              offsets: Tensor, dense: Tensor, need_grad: bool):
     """Gathered corner features [N, L, 8, F], trilinear weights [N, L, 8] and, with
@@ -195,7 +203,7 @@ def _corners(x: Tensor, table: Tensor, scales: Tensor, mult: Tensor, sizes: Tens
     indexing every corner on every axis.
     """
     n, n_levels = x.shape[0], scales.shape[0]
-    x = x.clamp(0.0, 1.0)
+    x = clamp_unit(x)
     pos = x[:, None, :] * scales[None, :, None].to(x.dtype) + 0.5          # [N, L, 3]
     lo = torch.floor(pos)
     frac = pos - lo                     # d frac / d pos = 1; floor carries no gradient
@@ -234,7 +242,7 @@ def hash_grid_reference(x: Tensor, table: Tensor, layout: GridLayout) -> Tensor:
     Returns:
         [N, L * F]. Differentiable with respect to ``table`` and ``x``.
     """
-    x = x.clamp(0.0, 1.0)
+    x = clamp_unit(x)
     outs: List[Tensor] = []
     for level in range(layout.n_levels):
         r, size, off = layout.resolutions[level], layout.sizes[level], layout.offsets[level]

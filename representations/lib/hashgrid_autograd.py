@@ -17,7 +17,7 @@ points from both. Backward is written with differentiable torch ops, so double b
 
 Arithmetic and layout are those of ``encodings.hash_grid_encode``: same scales, corner order
 (``k = b0 + 2 b1 + 4 b2``), dense / hashed indexing and clamping of the points to [0, 1]
-(zero gradient outside and on the bounds, as ``clamp``'s backward). This module does not import ``encodings``;
+(zero gradient outside and on the bounds, as ``encodings.clamp_unit``). This module does not import ``encodings``;
 the caller passes the per-level constants (:class:`Level`).
 """
 
@@ -218,8 +218,8 @@ class _HashGridFunction(torch.autograd.Function):
         g_x = g_table = None
         if need_x:
             g_x = torch.cat(parts, dim=1).t() if parts else torch.zeros_like(x)
-            # clamp's backward: the gradient passes where 0 < x < 1 (torch's clamp gives 0 on
-            # the bounds too)
+            # the clamp's backward: the gradient passes where 0 < x < 1 only, as
+            # encodings.clamp_unit (Tensor.clamp's rule at the bounds varies by torch release)
             g_x = g_x * ((x > 0.0) & (x < 1.0)).to(g_x.dtype)
         if need_table:
             g_table = g_table_t.t().contiguous()
