@@ -231,7 +231,9 @@ def _train(cfg, resolved, device, inputs, resume_ckpt, saved=None) -> int:
     from engine.outputs import RunLock, create_run_dir
     from engine.trainer import Interrupted, Trainer
 
-    torch.use_deterministic_algorithms(cfg.system.deterministic, warn_only=True)
+    if cfg.system.deterministic != torch.are_deterministic_algorithms_enabled():
+        # only when it changes something: the call imports torch._inductor (1-2 s a run)
+        torch.use_deterministic_algorithms(cfg.system.deterministic, warn_only=True)
     if cfg.system.threads:
         torch.set_num_threads(cfg.system.threads)
     if resume_ckpt is not None:

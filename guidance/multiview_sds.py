@@ -53,8 +53,9 @@ class MultiViewSDS(Guidance):
         loss: str = "reconstruction"        # reconstruction | classic
         std_rescale: float = 0.5            # reconstruction form only
         camera_convention: str = "auto"     # auto (the model's) | mvdream | isotropic3d-release
-        # the frozen model's dtype: auto = bf16 (or fp16) on CUDA, fp32 on CPU; or fp32 |
-        # fp16 | bf16. The loss maths runs in fp32 whatever this is.
+        # the frozen model's dtype: auto = bf16 (or fp16) on CUDA, fp32 on CPU; fast = auto,
+        # but bf16 on CPUs that compute it (AVX-512); or fp32 | fp16 | bf16. The loss maths
+        # runs in fp32 whatever this is.
         precision: str = "auto"
         negative_prompt: str = ""           # text conditioning only
         keep_conditioner: bool = False      # free the image/text encoder once embedded

@@ -54,6 +54,22 @@ def test_precision_auto_is_fp32_on_cpu_and_half_on_cuda(monkeypatch):
     assert resolve_precision("auto", "cuda:0") == torch.float16
 
 
+def test_precision_fast_is_bf16_only_on_a_cpu_that_computes_it(monkeypatch):
+    from guidance.multiview import prior
+    from guidance.multiview.memory import estimate_dtype
+
+    monkeypatch.setattr(prior, "cpu_computes_bf16", lambda: True)
+    assert prior.resolve_precision("fast", "cpu") == torch.bfloat16
+    assert prior.resolve_precision("auto", "cpu") == torch.float32     # auto is unchanged
+    monkeypatch.setattr(prior, "cpu_computes_bf16", lambda: False)
+    assert prior.resolve_precision("fast", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert prior.resolve_precision("fast", "cuda") == torch.float16     # as auto on CUDA
+    # the memory estimate takes the larger where it cannot know the CPU
+    assert estimate_dtype("fast", "cpu") == torch.float32
+    assert estimate_dtype("fast", "cuda") == torch.float16
+
+
 def test_stage_phases_follow_the_resolution_and_group_schedules():
     from engine import config
     from engine.estimate import stage_phases

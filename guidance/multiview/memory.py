@@ -209,10 +209,12 @@ def estimate_sds_step(arch: PriorArchitecture, batch: int, render_size: int,
 
 def estimate_dtype(precision: str, device_type: str) -> torch.dtype:
     """The dtype ``precision`` resolves to on a ``device_type`` device, without needing one:
-    ``auto`` is fp32 on CPU and a 2-byte type on CUDA (bf16 or fp16, the same size)."""
+    ``auto`` is fp32 on CPU and a 2-byte type on CUDA (bf16 or fp16, the same size);
+    ``fast`` is ``auto`` except on a CPU, where it is taken as fp32 (the larger, when this
+    machine is not the one that will run it)."""
     from guidance.multiview.prior import PRECISIONS
 
-    if precision != "auto":
+    if PRECISIONS[precision] is not None:
         return PRECISIONS[precision]
     return torch.float32 if device_type == "cpu" else torch.float16
 
