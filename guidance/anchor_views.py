@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -46,7 +45,7 @@ from engine.registry import register
 from engine.schedules import Schedule
 from guidance.multiview.prior import PRECISIONS, MultiViewPrior, resolve_precision
 from guidance.multiview.sample import draw_best_group
-from guidance.multiview.targets import MASK_HIGH, MASK_LOW, ViewTargets, clean_views
+from guidance.multiview.targets import MASK_HIGH, MASK_LOW, DrawnViews, ViewTargets, clean_views
 
 
 @dataclass
@@ -146,8 +145,7 @@ class AnchorViewSampler:
 
 #: views drawn in this process, by everything that decides them: a later stage with the same
 #: settings (envision3d-toy's refine stage) takes them without sampling again
-_DRAWN: "OrderedDict[str, tuple]" = OrderedDict()
-_DRAWN_MAX = 4
+_DRAWN = DrawnViews(4)
 
 
 @register("guidance", "anchor-views")
@@ -242,8 +240,9 @@ class AnchorViewsL2(ViewTargets, Guidance):
     def draw(self) -> None:
         """Draw the anchors, then the dense views between them (see the module docstring)."""
         key = self._key()
-        if key in _DRAWN:
-            self.rgb, self.mask, self.chosen = _DRAWN[key]
+        drawn = _DRAWN.get(key)
+        if drawn is not None:
+            self.rgb, self.mask, self.chosen = drawn
             print("anchor-views: the views drawn earlier in this run for these settings are "
                   "reused", file=sys.stderr)
             self._resized = {}
@@ -273,9 +272,7 @@ class AnchorViewsL2(ViewTargets, Guidance):
             rgbs.append(dense_rgb)
             masks.append(dense_mask)
         self.rgb, self.mask = torch.cat(rgbs).to(device), torch.cat(masks).to(device)
-        _DRAWN[key] = (self.rgb, self.mask, self.chosen)
-        while len(_DRAWN) > _DRAWN_MAX:
-            _DRAWN.popitem(last=False)
+        _DRAWN.put(key, (self.rgb, self.mask, self.chosen))
         self._resized = {}
 
     def view_weights(self, index: Tensor, step: int) -> Tensor:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -36,14 +35,13 @@ from engine.plugin import Guidance, RunInputs, StepInfo
 from engine.registry import register
 from guidance.multiview.prior import PRECISIONS, MultiViewPrior, resolve_precision
 from guidance.multiview.sample import draw_best_group
-from guidance.multiview.targets import MASK_HIGH, MASK_LOW, ViewTargets
+from guidance.multiview.targets import MASK_HIGH, MASK_LOW, DrawnViews, ViewTargets
 
 
 #: groups drawn in this process, by everything that decides them (settings, model, contexts,
 #: cameras): a later stage with the same guidance settings and cameras (one2345pp-toy's refine
 #: stage after its views stage) takes the same group without sampling again
-_DRAWN: "OrderedDict[str, tuple]" = OrderedDict()
-_DRAWN_MAX = 4
+_DRAWN = DrawnViews(4)
 
 
 def _draw_key(cfg, model_id: str, *tensors: Tensor) -> str:
@@ -153,8 +151,9 @@ class SampledViewsL2(ViewTargets, Guidance):
             raise ConfigError(f"input_view: {cfg.input_view} but the stage has {n} cameras")
         cam16 = self.prior.camera_vectors(cameras).to(self.context_cond)
         key = _draw_key(cfg, self._model_id, self.context_cond, self.context_uncond, cam16)
-        if key in _DRAWN:
-            self.rgb, self.mask, self.chosen, self.errors = _DRAWN[key]
+        drawn = _DRAWN.get(key)
+        if drawn is not None:
+            self.rgb, self.mask, self.chosen, self.errors = drawn
             print(f"sampled-views: the group drawn earlier in this run for these settings and "
                   f"cameras (candidate {self.chosen}) is reused", file=sys.stderr)
             self.c2w = cameras.c2w.detach().clone()
@@ -164,9 +163,7 @@ class SampledViewsL2(ViewTargets, Guidance):
             self.prior, self.context_cond, self.context_uncond, cam16, cfg.candidates,
             cfg.seed, cfg.sample_steps, cfg.guidance_scale, cfg.input_view, self.inputs.image,
             cfg.mask_low, cfg.mask_high)
-        _DRAWN[key] = (self.rgb, self.mask, self.chosen, self.errors)
-        while len(_DRAWN) > _DRAWN_MAX:
-            _DRAWN.popitem(last=False)
+        _DRAWN.put(key, (self.rgb, self.mask, self.chosen, self.errors))
         if self.errors is not None:
             print(f"sampled-views: kept candidate {self.chosen} of {cfg.candidates} (match "
                   f"error {float(self.errors[self.chosen]):.4f}; others "

@@ -205,3 +205,18 @@ def test_sample_cli_keeps_the_candidate_most_like_the_picture(fake_sampler, tmp_
     assert abs(middle - np.array([51, 76, 230])).max() <= 3, middle
     assert main(["prompt=a mug", f"out={grid}", f"model={STAGE2}", "candidates=2"]) == 2
     assert "needs image=PATH" in capsys.readouterr().err
+
+
+def test_drawn_views_keep_the_newest_and_give_none_for_unknown_keys():
+    from guidance.multiview.targets import DrawnViews
+
+    drawn = DrawnViews(2)
+    assert drawn.get("a") is None
+    assert drawn.put("a", 1) == 1
+    drawn.put("b", 2)
+    drawn.put("a", 3)                 # put again: replaced, and now the newest
+    drawn.put("c", 4)                 # so the oldest is "b", which goes
+    assert len(drawn) == 2 and drawn.get("b") is None
+    assert drawn.get("a") == 3 and drawn.get("c") == 4
+    drawn.clear()
+    assert len(drawn) == 0

@@ -8,6 +8,9 @@ render's size) and by ``python -m guidance.multiview.sample candidates=K``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Hashable, Optional
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -35,6 +38,40 @@ def resize_views(views: Tensor, size: int) -> Tensor:
     x = F.interpolate(views.permute(0, 3, 1, 2), size=(size, size), mode="bilinear",
                       align_corners=False, antialias=views.shape[2] > size)
     return x.permute(0, 2, 3, 1)
+
+
+class DrawnViews:
+    """Views drawn in this process, by a key of everything that decided them, the oldest
+    dropped beyond ``size``: a later stage with the same settings (a refinement after a views
+    stage) takes the same views without sampling again.
+
+    Example::
+
+        DRAWN = DrawnViews(4)
+        views = DRAWN.get(key)
+        if views is None:
+            views = DRAWN.put(key, draw())
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: "OrderedDict[Hashable, object]" = OrderedDict()
+
+    def get(self, key: Hashable) -> Optional[object]:
+        return self._items.get(key)
+
+    def put(self, key: Hashable, value: object) -> object:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class ViewTargets:
