@@ -163,6 +163,27 @@ def test_interrupted_runs_resume_and_a_bad_picture_fails_alone(finished_batch, t
 
 
 @pytest.mark.slow
+def _kill_after_checkpoint(run_dir: Path, kill, killed: dict, seconds: float):
+    """A started watcher thread: once the run in ``run_dir`` has written its step-4
+    checkpoint, ``kill(pid of the run, read from run.lock)``, once (``kill`` fills
+    ``killed``), polling every 20 ms for at most ``seconds``."""
+    def watch():
+        end = time.time() + seconds
+        ckpt = run_dir / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 4)
+        while time.time() < end and not killed:
+            lock = run_dir / "run.lock"
+            if ckpt.is_file() and lock.is_file():
+                try:
+                    kill(int(lock.read_text().split()[0]))
+                except (ValueError, IndexError, OSError):
+                    pass          # the lock half-written, or the process already gone
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_a_run_whose_process_is_killed_is_tried_again_and_resumes(finished_batch, tmp_path):
     """kill -9 of a run's process mid-run (a lost worker): the batch tries it again
     (retries=1), which resumes from its last checkpoint."""
@@ -172,24 +193,13 @@ def test_a_run_whose_process_is_killed_is_tried_again_and_resumes(finished_batch
     shutil.copy(pics / "red.png", one / "red.png")
     out = tmp_path / "out"
     run_dir = out / "red"
-    killed = []
+    killed = {}
 
-    def killer():
-        end = time.time() + 60
-        ckpt = run_dir / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 4)
-        while time.time() < end and not killed:
-            lock = run_dir / "run.lock"
-            if ckpt.is_file() and lock.is_file():
-                try:
-                    pid = int(lock.read_text().split()[0])
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                except (ValueError, IndexError, OSError):
-                    pass
-            time.sleep(0.02)
+    def kill_run(run_pid: int) -> None:
+        os.kill(run_pid, signal.SIGKILL)
+        killed.update(run=run_pid)
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    thread = _kill_after_checkpoint(run_dir, kill_run, killed, seconds=60)
     slow = [o if not o.startswith("stages.fit.steps=") else "stages.fit.steps=200"
             for o in TINY] + ["export=null"]
     code, stdout, stderr = _batch(["recipe=fit-image", f"images={one}", f"out={out}", *slow])
@@ -326,25 +336,14 @@ def test_a_killed_ray_worker_s_picture_is_tried_again_and_resumes(tmp_path):
     run_dir = out / "red"
     killed = {}
 
-    def killer():
-        end = time.time() + 850
-        ckpt = run_dir / "checkpoints" / checkpoint.checkpoint_name(0, "fit", 4)
-        while time.time() < end and not killed:
-            lock = run_dir / "run.lock"
-            if ckpt.is_file() and lock.is_file():
-                try:
-                    run_pid = int(lock.read_text().split()[0])
-                    worker = _parent(run_pid)
-                    cmdline = Path(f"/proc/{worker}/cmdline").read_bytes()
-                    os.kill(worker, signal.SIGKILL)
-                    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[:4]
-                    killed.update(run=run_pid, worker=worker, cmdline=cmdline, lines=lines)
-                except (ValueError, IndexError, OSError):
-                    pass
-            time.sleep(0.02)
+    def kill_worker(run_pid: int) -> None:
+        worker = _parent(run_pid)
+        cmdline = Path(f"/proc/{worker}/cmdline").read_bytes()
+        os.kill(worker, signal.SIGKILL)
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()[:4]
+        killed.update(run=run_pid, worker=worker, cmdline=cmdline, lines=lines)
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    thread = _kill_after_checkpoint(run_dir, kill_worker, killed, seconds=850)
     slow = [o if not o.startswith("stages.fit.steps=") else "stages.fit.steps=200"
             for o in TINY if not o.startswith("export")] + ["export=null"]
     proc = _ray_batch(pics, out, slow)
