@@ -237,6 +237,15 @@ class RandomMultiViewSampler:
                                       views_per_object=c.views, device=self.device)
 
 
+def check_framing(distance: float, fovy: float, key_prefix: str = "") -> None:
+    """One line for a camera distance that is not positive or a vertical field of view
+    outside (0, 180) degrees; ``key_prefix`` names where they sit (``views.``)."""
+    if distance <= 0:
+        raise ConfigError(f"{key_prefix}distance: must be > 0, got {distance}")
+    if not 0 < fovy < 180:
+        raise ConfigError(f"{key_prefix}fovy: must be in (0, 180) degrees, got {fovy}")
+
+
 @register("cameras", "fixed")
 class FixedViewSampler:
     """Always the same cameras: the reference view of an input image by default."""
@@ -252,10 +261,7 @@ class FixedViewSampler:
             if len(self.elevation) != len(self.azimuth) or not self.azimuth:
                 raise ConfigError("elevation/azimuth: need lists of the same non-zero length, "
                                   f"got {len(self.elevation)} and {len(self.azimuth)}")
-            if self.distance <= 0:
-                raise ConfigError(f"distance: must be > 0, got {self.distance}")
-            if not 0 < self.fovy < 180:
-                raise ConfigError(f"fovy: must be in (0, 180) degrees, got {self.fovy}")
+            check_framing(self.distance, self.fovy)
 
     def __init__(self, cfg: "FixedViewSampler.Config", device=None):
         self.cameras = Cameras.from_spherical(cfg.elevation, cfg.azimuth, cfg.distance, cfg.fovy,

@@ -35,7 +35,7 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from engine.atomic import atomic_write, atomic_write_bytes, atomic_write_text
-from engine.cameras import orbit
+from engine.cameras import check_framing, orbit
 from engine.errors import ConfigError, RunAborted
 from engine.plugin import StepInfo
 
@@ -65,10 +65,7 @@ class TurntableConfig:
             raise ConfigError(f"size: must be an even number >= 16, got {self.size}")
         if not -89.0 <= self.elevation <= 89.0:
             raise ConfigError(f"elevation: must be in [-89, 89] degrees, got {self.elevation}")
-        if self.distance <= 0:
-            raise ConfigError(f"distance: must be > 0, got {self.distance}")
-        if not 0 < self.fovy < 180:
-            raise ConfigError(f"fovy: must be in (0, 180) degrees, got {self.fovy}")
+        check_framing(self.distance, self.fovy)
         if self.fps < 1:
             raise ConfigError(f"fps: must be >= 1, got {self.fps}")
         _check_formats(self.formats, VIDEO_FORMATS)

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from engine.cameras import Cameras
+from engine.cameras import Cameras, check_framing
 from engine.errors import ConfigError
 from engine.plugin import Guidance, RunInputs, StepInfo
 from engine.registry import register
@@ -72,10 +72,7 @@ class ViewLayout:
         if len(self.anchor_azimuth) < 2:
             raise ConfigError("views.anchor_azimuth: Envision3D's interpolation needs at least "
                               f"2 anchor views, got {len(self.anchor_azimuth)}")
-        if self.distance <= 0:
-            raise ConfigError(f"views.distance: must be > 0, got {self.distance}")
-        if not 0 < self.fovy < 180:
-            raise ConfigError(f"views.fovy: must be in (0, 180) degrees, got {self.fovy}")
+        check_framing(self.distance, self.fovy, "views.")
 
     @property
     def num_anchors(self) -> int:
