@@ -1,5 +1,7 @@
 import math
+import re
 
+import pytest
 import torch
 
 from engine.cameras import Cameras, FixedViewSampler, RandomMultiViewSampler, ndc_to_pixel, orbit
@@ -68,3 +70,16 @@ def test_fixed_sampler_and_orbit():
     assert torch.allclose(cams.position[0], torch.tensor([2.5, 0.0, 0.0]), atol=1e-6)
     o = orbit(4, elevation_deg=0.0, distance=2.0)
     assert torch.allclose(o.position[1], torch.tensor([0.0, 2.0, 0.0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("distance, fovy, words", [
+    (0.0, 40.0, "views.distance: must be > 0, got 0.0"),
+    (2.5, 180.0, "views.fovy: must be in (0, 180) degrees, got 180.0"),
+])
+def test_bad_framing_is_named_with_its_key(distance, fovy, words):
+    from engine.cameras import check_framing
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        check_framing(distance, fovy, "views.")
+    check_framing(2.5, 40.0)                 # a good one passes
