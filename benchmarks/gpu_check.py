@@ -352,6 +352,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             import torch
 
             cuda = torch.cuda.is_available()
+        if cuda and video_overrides() and {"real", "gs-full"} & set(args.parts):
+            table.add("env", "turntables", "GIF only: imageio-ffmpeg (the MP4 writer) is not "
+                                           "installed")
         if "tests" in args.parts:
             part_tests(table, cuda)
         if "backends" in args.parts:
