@@ -40,8 +40,7 @@ Example::
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Tuple
 
@@ -50,11 +49,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.errors import ConfigError, UserError
+from engine.errors import ConfigError
+from guidance.compress3d.folders import build_and_load, read_model_record, save_model_folder
 from representations.lib.triplane_field import PLANE_AXES, sample_planes
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 KIND = "compress3d-triplane-autoencoder"
 
 
@@ -243,44 +241,15 @@ class TriplaneAutoencoder(nn.Module):
 
     # -- folders -------------------------------------------------------------------------
     def save_pretrained(self, folder, extra: dict = None) -> Path:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: t.detach().cpu().contiguous() for k, t in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_FILE))
-        record = {"kind": KIND, "config": asdict(self.config), **(extra or {})}
-        (folder / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        return folder
+        return save_model_folder(self, folder, KIND, self.config, extra)
 
     @classmethod
     def from_pretrained(cls, folder, key: str = "model") -> "TriplaneAutoencoder":
         """Load a folder :meth:`save_pretrained` wrote; anything else is one line."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        cfg_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        if not cfg_path.is_file() or not weights.is_file():
-            raise UserError(f"{key}: {folder} is not a triplane autoencoder folder (needs "
-                            f"{CONFIG_FILE} and {WEIGHTS_FILE}); train one with "
-                            "python -m guidance.training recipe=toy-triplane-ae")
-        try:
-            record = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{key}: {cfg_path} cannot be read ({exc})") from None
-        if record.get("kind") != KIND:
-            raise UserError(f"{key}: {folder} holds a {record.get('kind')!r} model, not a "
-                            "triplane autoencoder")
-        model = cls(TriplaneAEConfig(**record["config"]))
-        try:
-            state = load_file(str(weights))
-            model.load_state_dict(state)
-        except (SafetensorError, RuntimeError, OSError) as exc:
-            raise UserError(f"{key}: {weights} does not fit its config "
-                            f"({str(exc).splitlines()[0][:160]})") from None
-        model.eval()
-        return model
+        record = read_model_record(folder, KIND, "triplane autoencoder",
+                                   "train one with python -m guidance.training "
+                                   "recipe=toy-triplane-ae", key)
+        return build_and_load(cls, TriplaneAEConfig, record, folder, key)
 
 
 def occupancy_grid_points(resolution: int, bound: float) -> Tensor:

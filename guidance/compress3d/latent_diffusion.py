@@ -39,9 +39,8 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -49,10 +48,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from engine.errors import ConfigError, UserError
+from engine.errors import ConfigError
+from guidance.compress3d.folders import build_and_load, read_model_record, save_model_folder
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 KIND = "compress3d-latent-diffusion"
 
 
@@ -322,56 +320,19 @@ class Compress3DDiffusion(nn.Module):
 
     # -- folders -------------------------------------------------------------------------
     def save_pretrained(self, folder, extra: dict = None) -> Path:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if (folder / CONFIG_FILE).exists():      # not a model until config.json is new
-            (folder / CONFIG_FILE).unlink()
-        state = {k: t.detach().cpu().contiguous() for k, t in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_FILE))
-        record = {"kind": KIND, "config": asdict(self.config), **(extra or {})}
-        (folder / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        return folder
+        return save_model_folder(self, folder, KIND, self.config, extra)
 
     @classmethod
     def read_record(cls, folder, key: str = "model") -> dict:
         """config.json of a saved model folder; one line naming ``key`` when it is not one."""
-        folder = Path(folder)
-        cfg_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        if not cfg_path.is_file() or not weights.is_file():
-            raise UserError(f"{key}: {folder} is not a Compress3D model folder (needs "
-                            f"{CONFIG_FILE} and {WEIGHTS_FILE}); the toy one is "
-                            "models/toy/compress3d, or train one with python -m "
-                            "guidance.training recipe=toy-compress3d")
-        try:
-            record = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{key}: {cfg_path} cannot be read ({exc})") from None
-        if record.get("kind") != KIND:
-            raise UserError(f"{key}: {folder} holds a {record.get('kind')!r} model, not a "
-                            "Compress3D latent diffusion")
-        return record
+        return read_model_record(folder, KIND, "Compress3D model",
+                                 "the toy one is models/toy/compress3d, or train one with "
+                                 "python -m guidance.training recipe=toy-compress3d", key)
 
     @classmethod
     def from_pretrained(cls, folder, key: str = "model") -> "Compress3DDiffusion":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        record = cls.read_record(folder, key)
-        try:
-            model = cls(LatentDiffusionConfig(**record["config"]))
-        except (TypeError, ConfigError) as exc:
-            raise UserError(f"{key}: {Path(folder) / CONFIG_FILE} has a bad config "
-                            f"({str(exc).splitlines()[0][:160]})") from None
-        weights = Path(folder) / WEIGHTS_FILE
-        try:
-            model.load_state_dict(load_file(str(weights)))
-        except (SafetensorError, RuntimeError, OSError) as exc:
-            raise UserError(f"{key}: {weights} does not fit its config "
-                            f"({str(exc).splitlines()[0][:160]})") from None
-        model.eval()
-        return model
+        return build_and_load(cls, LatentDiffusionConfig, cls.read_record(folder, key), folder,
+                              key)
 
 
 def shape_embedding(latents: Tensor) -> Tensor:
