@@ -52,6 +52,8 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _runs import stage_steps  # noqa: E402  (this folder is on sys.path, as a script's is)
+
 PARTS = ("env", "tests", "backends", "estimate", "real", "gaussians", "gs-full")
 CUDA_TEST_FILES = ("tests/test_encodings.py", "tests/test_rasterizer.py",
                    "tests/test_marching_tets.py", "tests/test_run.py", "tests/test_dmtet.py")
@@ -191,6 +193,16 @@ def video_overrides() -> List[str]:
     return [] if importlib.util.find_spec("imageio_ffmpeg") else ["export.turntable.formats=[gif]"]
 
 
+def random_weights_argv(recipe: str, stages: List[str], out: str, device: str) -> List[str]:
+    """engine.run's arguments for ``recipe`` with random real-size weights in every stage's
+    guidance, no progress renders or checkpoints, and GIF turntables without imageio-ffmpeg."""
+    given, model = REAL_RECIPES[recipe]
+    return ([f"recipe={recipe}", given, f"out={out}", f"device={device}",
+             "output.progress=false", "output.render_every=0", "output.checkpoint_every=0"]
+            + [f"stages.{sname}.guidance.model={model}" for sname in stages]
+            + video_overrides())
+
+
 def real_size_argv(recipe: str, out: str, device: str, steps_per_phase: int = 2) -> List[str]:
     """engine.run's arguments for the real-size check of ``recipe``: random real-size
     weights, every phase of every stage for ``steps_per_phase`` steps, the stage-end renders
@@ -198,13 +210,10 @@ def real_size_argv(recipe: str, out: str, device: str, steps_per_phase: int = 2)
     from engine import config
     from engine.estimate import phase_overrides
 
-    given, model = REAL_RECIPES[recipe]
     cfg, _ = config.load(recipe, [])
-    argv = [f"recipe={recipe}", given, f"out={out}", f"device={device}",
-            "output.progress=false", "output.render_every=0", "output.checkpoint_every=0"]
-    argv += phase_overrides(cfg, steps_per_phase) + video_overrides()
+    argv = random_weights_argv(recipe, list(cfg.stages), out, device)
+    argv += phase_overrides(cfg, steps_per_phase)
     for i, sname in enumerate(cfg.stages):
-        argv.append(f"stages.{sname}.guidance.model={model}")
         rcfg = cfg.components[sname]["representation"][1]
         source = cfg.stages[sname].init_from
         if (source is not None and hasattr(rcfg, "init_threshold")
@@ -224,20 +233,9 @@ def real_size_argv(recipe: str, out: str, device: str, steps_per_phase: int = 2)
 
 def summarise_run(run_dir: Path) -> List[str]:
     """One line per phase of a finished run: steps, seconds per step, peak CUDA memory."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
-    lines, last = [], {}
-    for rec in records:
-        prev = last.get(rec["stage"], 0.0)
-        rec["seconds"] = rec["time"] - prev
-        last[rec["stage"]] = rec["time"]
-    for stage in dict.fromkeys(r["stage"] for r in records):
-        recs = [r for r in records if r["stage"] == stage]
-        secs = " ".join(f"{r['seconds']:.2f}" for r in recs)
-        mem = max((r.get("cuda_peak_gib", 0.0) for r in recs), default=0.0)
-        lines.append(f"{stage}: {len(recs)} steps, s/step {secs}"
-                     + (f", peak {mem:.1f} GiB" if mem else ""))
-    return lines
+    return [f"{stage}: {len(secs)} steps, s/step " + " ".join(f"{x:.2f}" for x in secs)
+            + (f", peak {mem:.1f} GiB" if mem else "")
+            for stage, (secs, mem) in stage_steps(run_dir).items()]
 
 
 def part_real(table: Table, cuda: bool, recipes=tuple(REAL_RECIPES),
@@ -297,11 +295,8 @@ def part_gaussians(table: Table, cuda: bool) -> Optional[bool]:
 def gs_full_argv(out: str, device: str, backend: str = "auto") -> List[str]:
     """engine.run's arguments for the whole isotropic3d-gs recipe with random real-size
     weights (every step, the stage-end renders and the export at the recipe's settings)."""
-    given, model = REAL_RECIPES["isotropic3d-gs"]
-    return (["recipe=isotropic3d-gs", given, f"out={out}", f"device={device}",
-             "output.progress=false", "output.render_every=0", "output.checkpoint_every=0",
-             f"stages.gs.guidance.model={model}", f"stages.dmtet.guidance.model={model}",
-             f"stages.gs.representation.backend={backend}"] + video_overrides())
+    return (random_weights_argv("isotropic3d-gs", ["gs", "dmtet"], out, device)
+            + [f"stages.gs.representation.backend={backend}"])
 
 
 def part_gs_full(table: Table, cuda: bool, keep: Optional[str] = None,
@@ -318,15 +313,11 @@ def part_gs_full(table: Table, cuda: bool, keep: Optional[str] = None,
             table.add("gs-full", "isotropic3d-gs", f"FAILED ({code}): {_last_line(text)}",
                       secs)
             return
-        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text()
-                   .splitlines() if line.strip()]
-        for stage in dict.fromkeys(r["stage"] for r in records):
-            recs = [r for r in records if r["stage"] == stage]
-            steps = [b["time"] - a["time"] for a, b in zip(recs, recs[1:])]
-            steps.sort()
-            median = steps[len(steps) // 2] if steps else 0.0
-            mem = max((r.get("cuda_peak_gib", 0.0) for r in recs), default=0.0)
-            table.add("gs-full", stage, f"{len(recs)} steps in {recs[-1]['time']:.1f} s, "
+        for stage, (steps, mem) in stage_steps(Path(out)).items():
+            # the median step after the first (which carries the stage's warm-up)
+            later = sorted(steps[1:])
+            median = later[len(later) // 2] if later else 0.0
+            table.add("gs-full", stage, f"{len(steps)} steps in {sum(steps):.1f} s, "
                                         f"median {median:.3f} s/step, peak {mem:.1f} GiB")
         exported = sorted(p.name for p in (Path(out) / "export").glob("*"))
         table.add("gs-full", "isotropic3d-gs", f"whole run (backend {backend}; model build, "

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from engine.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from engine.cameras import check_framing, orbit
-from engine.errors import ConfigError, RunAborted
+from engine.errors import ConfigError, RunAborted, UserError
 from engine.plugin import StepInfo
 
 MESH_FORMATS = ("glb", "obj")
@@ -117,8 +117,6 @@ def check_export_libraries(cfg: Optional[ExportConfig]) -> None:
     the run before training (one line) rather than after it. A library can be installed and
     still fail to import (pymeshlab without the system's libGL)."""
     import importlib
-
-    from engine.errors import UserError
 
     if cfg is None:
         return

@@ -150,7 +150,6 @@ def _preflight(cfg) -> None:
     written. When a model is missing, the one line names every key that points at that same
     model (isotropic3d's NeRF and DMTet stages share one), so one fix covers them all."""
     from engine.errors import UserError
-
     from engine.export import check_export_libraries
 
     check_export_libraries(cfg.export)

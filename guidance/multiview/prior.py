@@ -54,8 +54,9 @@ def resolve_precision(name: str, device=None) -> torch.dtype:
     (half the weights' memory, the tensor cores' speed; the released models were trained in
     fp16 mixed precision); on CPU fp32 (half precision is slow or unsupported there).
     ``fast``: as ``auto``, but bf16 also on a CPU whose oneDNN computes bf16 in vector
-    instructions (AVX-512 and newer; the toy UNet's SDS call: 126 -> 94 ms, one thread, an
-    output 0.2% off fp32's), fp32 on other CPUs. Explicit names are taken as they are.
+    instructions (AVX-512 and newer; the toy UNet's SDS call, one thread: 1.39x faster, an
+    output 0.21% off fp32's, benchmarks/bench_toy_sds.py), fp32 on other CPUs. Explicit
+    names are taken as they are.
 
     Example::
 
